@@ -1,0 +1,177 @@
+"""``jaxlens.load_model``: a HF checkpoint (local directory, hub id, or ``demo``) -> a :class:`Model`.
+
+Loading is streamed: the conversion plan is checked against tensor *shapes* first (every problem reported
+together), then each jaxlens parameter is assembled from its HF tensors on the host, cast, placed on its
+device / sharding, and released before the next one is read. Peak host memory is about one copy of the
+weights plus the largest stacked parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import convert, decoder
+from .checkpoint import open_checkpoint
+from .errors import JaxlensError
+from .sharding import shard_batch, sharding_for
+from .spec import ArchSpec, spec_from_config
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+DEMO_DIR = os.path.join(os.path.dirname(__file__), "demo")
+_HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+              "pytorch_model.bin.index.json", "flax_model.msgpack", "tokenizer*", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "generation_config.json", "*.model"]
+
+
+def resolve_source(source: str) -> str:
+    """Local directory for ``source``: ``demo``, an existing directory, or a hub id via the HF cache."""
+    if source == "demo":
+        if not os.path.exists(os.path.join(DEMO_DIR, "config.json")):
+            raise JaxlensError("the bundled demo model is missing from this installation "
+                               f"({DEMO_DIR}); regenerate it with: python -m jaxlens.demo_train")
+        return DEMO_DIR
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise JaxlensError(f"{source} is a file; pass the model directory that contains config.json")
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
+    if looks_like_path or source.count("/") != 1:
+        raise JaxlensError(f"model directory {source} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise JaxlensError(f"{source} is not a local directory and huggingface_hub is not installed")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return snapshot_download(source, allow_patterns=_HUB_FILES, local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes
+        where = "in the local Hugging Face cache" if offline else "locally or on the Hugging Face Hub"
+        raise JaxlensError(f"model {source} was not found {where} ({e.__class__.__name__})")
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise JaxlensError(f"{directory} has no config.json (not a Hugging Face model directory)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise JaxlensError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})")
+
+
+class Model:
+    """A loaded checkpoint: ``spec``, ``params``, ``tokenizer``, and a jitted ``forward``."""
+
+    def __init__(self, spec: ArchSpec, params: dict, *, path: str | None = None, source: str | None = None,
+                 config: dict | None = None, mesh=None):
+        self.spec = spec
+        self.decoder = decoder.Decoder(spec, params)
+        self.path = path
+        self.source = source or path or "<in-memory>"
+        self.config = config or {}
+        self.mesh = mesh
+
+    @property
+    def params(self) -> dict:
+        return self.decoder.values()
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    @property
+    def name(self) -> str:
+        """Last path component of the source (the reference's 'clean' model name)."""
+        src = self.source.rstrip("/")
+        return "demo" if src == DEMO_DIR.rstrip("/") else os.path.basename(src) or src
+
+    @cached_property
+    def tokenizer(self):
+        if self.path is None:
+            raise JaxlensError("this model was built in memory and has no tokenizer")
+        import logging
+
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise JaxlensError(f"no usable tokenizer in {self.path} ({e.__class__.__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})")
+
+    def forward(self, input_ids, attention_mask=None, *, unroll: int = 1) -> decoder.ForwardOutput:
+        """Jitted forward: raw residuals [n_layers+1, B, T, d] and float32 logits [B, T, V]."""
+        ids = np.asarray(input_ids) if not isinstance(input_ids, jax.Array) else input_ids
+        if ids.ndim != 2:
+            raise JaxlensError(f"input_ids must be [batch, tokens], got shape {tuple(ids.shape)}")
+        if isinstance(ids, np.ndarray) and ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
+            raise JaxlensError(f"input_ids contain id {int(ids.max())} outside the vocabulary "
+                               f"(size {self.spec.vocab_size})")
+        if self.spec.positional == "learned" and ids.shape[1] > self.spec.max_positions:
+            raise JaxlensError(f"sequence of {ids.shape[1]} tokens exceeds the model's "
+                               f"{self.spec.max_positions} learned positions")
+        ids = shard_batch(jnp.asarray(ids, jnp.int32), self.mesh)
+        mask = None if attention_mask is None else shard_batch(jnp.asarray(attention_mask, jnp.int32), self.mesh)
+        return decoder.jitted_apply(self.spec, unroll)(self.params, ids, mask)
+
+    def unembedding(self):
+        """(W [d, V], bias [V] or None) of the model's head."""
+        return decoder.unembedding(self.spec, self.params)
+
+    def __repr__(self):
+        s = self.spec
+        return (f"Model({self.name}: {s.arch}, {s.n_layers} layers, d={s.d_model}, V={s.vocab_size}, "
+                f"{jnp.dtype(self.dtype).name})")
+
+
+def load_params(spec: ArchSpec, directory: str, dtype, mesh=None) -> dict:
+    """Stream-convert the checkpoint in ``directory`` into the jaxlens parameter tree."""
+    src = open_checkpoint(directory)
+    layout = convert.flatten(decoder.param_layout(spec), "")  # dotted path -> (shape, axes)
+    # flatten() stops at tuples, so layout values are (shape, axes) pairs
+    expected = {k: tuple(v[0]) for k, v in layout.items()}
+    assign = convert.plan(spec, src.shapes, expected)
+    out = {}
+    cache_key, cache_val = None, None
+    for path, (shape, axes) in layout.items():
+        host = np.empty(shape, dtype=jnp.dtype(dtype))
+        for layer, key, ops in assign[path]:
+            if key != cache_key:
+                cache_key, cache_val = key, src.get(key)
+            val = convert.apply_ops(cache_val, ops, spec)
+            if layer is None:
+                host[...] = val
+            else:
+                host[layer] = val
+        sharding = sharding_for(shape, axes, mesh) if mesh is not None else None
+        out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+        del host
+    return convert.unflatten(out)
+
+
+def load_model(source: str = "demo", dtype: str = "float32", mesh=None) -> Model:
+    """Load a Hugging Face causal LM for jaxlens. See ``shared/API.md``.
+
+    source: ``"demo"``, a local HF directory, or a hub id (resolved through the HF cache).
+    dtype:  compute dtype of weights and activations: "float32", "bfloat16" or "float16".
+    mesh:   optional (data, fsdp, tensor) mesh from :func:`jaxlens.sharding.make_mesh`; each tensor is
+            placed on its sharding as it is read.
+    """
+    if dtype not in DTYPES:
+        raise JaxlensError(f"dtype {dtype!r} is not supported (use float32, bfloat16 or float16)")
+    directory = resolve_source(source)
+    config = read_config(directory)
+    spec = spec_from_config(config)
+    params = load_params(spec, directory, DTYPES[dtype], mesh)
+    return Model(spec, params, path=directory, source=source, config=config, mesh=mesh)
