@@ -1,7 +1,8 @@
 """Checkpoint readers: one interface (names, shapes, read one tensor) over every HF weights format.
 
-* ``model.safetensors`` and sharded ``model.safetensors.index.json``: the header is parsed here and the
-  data is memory-mapped, so a tensor is read only when asked for, and a truncated file is caught up front.
+* ``model.safetensors`` and sharded ``model.safetensors.index.json``: the header is parsed here and each
+  tensor is read only when asked for, so a truncated file is caught up front and host memory holds one
+  tensor at a time.
 * ``pytorch_model.bin`` (and its sharded index): ``torch.load(mmap=True, weights_only=True)``; needs the
   ``torch`` extra.
 * ``flax_model.msgpack``: HF's Flax layout (``kernel`` = transposed Linear weight, ``embedding``,
@@ -64,7 +65,6 @@ def _safetensors_file(path: str):
     if start + need > size:
         raise JaxlensError(f"{name} is truncated: its tensors need {start + need} bytes but the file "
                            f"has {size}")
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
     shapes, getters = {}, {}
     for key, meta in header.items():
         dt = _ST_DTYPES.get(meta["dtype"])
@@ -74,7 +74,11 @@ def _safetensors_file(path: str):
         shapes[key] = tuple(meta["shape"])
 
         def get(a=a, b=b, dt=dt, shape=tuple(meta["shape"])):
-            return mm[start + a:start + b].view(dt).reshape(shape)
+            # A plain read (not a memory map): pages of a mapped file would count against host memory.
+            with open(path, "rb") as fh:
+                fh.seek(start + a)
+                buf = np.frombuffer(fh.read(b - a), dtype=np.uint8)
+            return buf.view(dt).reshape(shape)
 
         getters[key] = get
     return shapes, getters
