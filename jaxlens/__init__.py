@@ -4,9 +4,10 @@ Public names (see shared/API.md): :func:`load_model`, :func:`lens_stats`, :func:
 :func:`load_lens`.
 """
 from .errors import JaxlensError
-from .lens import lens_logits
+from .lens import AffineLens, LensStats, lens_logits, lens_stats
 from .loader import Model, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["JaxlensError", "Model", "lens_logits", "load_model", "__version__"]
+__all__ = ["AffineLens", "JaxlensError", "LensStats", "Model", "lens_logits", "lens_stats", "load_model",
+           "__version__"]

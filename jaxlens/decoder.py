@@ -33,8 +33,9 @@ _NEG = float(np.finfo(np.float32).min)
 
 
 class ForwardOutput(NamedTuple):
-    residuals: jax.Array   # [n_layers + 1, B, T, d], raw (no final norm), compute dtype
-    logits: jax.Array      # [B, T, V] float32, the model's own output
+    residuals: jax.Array        # [n_layers + 1, B, T, d], raw (no final norm), compute dtype
+    logits: jax.Array           # [B, T, V] float32, the model's own output
+    attention_mask: jax.Array   # [B, T] bool: which positions are real tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,11 +162,11 @@ def _act(spec: ArchSpec, x):
 
 
 def _rope(x, cos, sin, rotary_dim):
-    """HF rotate_half convention on the first rotary_dim features. x [B, T, N, hd]; cos/sin [T, r]."""
+    """HF rotate_half convention on the first rotary_dim features. x [B, T, N, hd]; cos/sin [B, T, r]."""
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
-    out = rot * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
@@ -184,7 +185,7 @@ def _attention(spec: ArchSpec, p: dict, x, key_valid, window, inv_freq, rope_sca
         q = apply_norm(spec, p["q_norm"], q)
         k = apply_norm(spec, p["k_norm"], k)
     if spec.positional == "rope":
-        freqs = positions.astype(F32)[:, None] * inv_freq[None, :]
+        freqs = positions.astype(F32)[None, :, None] * inv_freq[:, None, :]      # [B, T, r/2]
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos = (jnp.cos(emb) * rope_scale).astype(dtype)
         sin = (jnp.sin(emb) * rope_scale).astype(dtype)
@@ -271,6 +272,24 @@ def head(spec: ArchSpec, params: dict, h_normed, W=None, bias=None) -> jax.Array
     return z
 
 
+def _dynamic_rope(spec: ArchSpec, inv_freq, dyn, key_valid):
+    """Dynamic-NTK layers: transformers recomputes the RoPE base from the sequence length once it exceeds
+    max_position_embeddings. We use each sequence's own (unpadded) length, so a right-padded batch gives
+    the unpadded result; inv_freq is [L, B, r/2]."""
+    if not dyn.any():
+        return inv_freq
+    dim = spec.rotary_dim
+    mp = float(spec.max_positions)
+    seq = jnp.maximum(key_valid.sum(1).astype(F32), mp)                                  # [B]
+    factor = jnp.asarray(dyn)[:, None]                                                   # [L, 1]
+    base = jnp.asarray(spec.rope_thetas())[:, None] * (
+        (factor * seq[None] / mp) - (factor - 1)) ** (dim / (dim - 2))                   # [L, B]
+    ar = jnp.arange(0, dim, 2, dtype=F32) / dim
+    dyn_inv = 1.0 / (base[..., None] ** ar)                                              # [L, B, r/2]
+    use = (factor > 0) & (seq[None] > mp)
+    return jnp.where(use[..., None], dyn_inv, inv_freq)
+
+
 def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unroll: int = 1) -> ForwardOutput:
     """Pure forward pass: every raw residual stream and the model's float32 logits."""
     dtype = params["embed"].dtype
@@ -279,9 +298,11 @@ def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unrol
     positions = jnp.arange(T, dtype=jnp.int32)
     x0 = embed(spec, params, input_ids, dtype)
     if spec.positional == "rope":
-        inv_freq, scales = spec.rope_tables(T)
+        inv, scales, dyn = spec.rope_tables()
+        inv_freq = jnp.broadcast_to(jnp.asarray(inv)[:, None], (spec.n_layers, B, spec.rotary_dim // 2))
+        inv_freq = _dynamic_rope(spec, inv_freq, dyn, key_valid)
     else:
-        inv_freq = np.zeros((spec.n_layers, 1), np.float32)
+        inv_freq = jnp.zeros((spec.n_layers, B, 1), F32)
         scales = np.ones((spec.n_layers,), np.float32)
     windows = np.asarray(spec.windows, np.int32)
 
@@ -294,7 +315,7 @@ def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unrol
                                      jnp.asarray(scales)), unroll=unroll)
     residuals = jnp.concatenate([x0[None], ys], axis=0)
     logits = head(spec, params, apply_norm(spec, params["final_norm"], xL))
-    return ForwardOutput(residuals, logits)
+    return ForwardOutput(residuals, logits, key_valid)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,14 +107,25 @@ class ArchSpec:
     def kv_groups(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def rope_tables(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inv_freq [L, rotary_dim/2] float32, attention scaling [L] float32) for a sequence of seq_len."""
-        invs, scales = [], []
+    def rope_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer RoPE data for sequences within max_position_embeddings.
+
+        Returns (inv_freq [L, rotary_dim/2] float32, cos/sin scaling [L] float32, dynamic factor [L] float32
+        (0 = not dynamic; for "dynamic" layers the decoder recomputes inv_freq from each sequence's own
+        length once it exceeds max_position_embeddings, see :func:`dynamic_inv_freq`)).
+        """
+        invs, scales, dyn = [], [], []
         for params in self.rope:
-            inv, s = rope_inv_freq(dict(params), self.rotary_dim, self.max_positions, seq_len)
+            p = dict(params)
+            inv, s = rope_inv_freq(p, self.rotary_dim, self.max_positions, self.max_positions)
             invs.append(inv)
             scales.append(s)
-        return np.stack(invs).astype(np.float32), np.asarray(scales, np.float32)
+            dyn.append(float(p["factor"]) if p["rope_type"] == "dynamic" else 0.0)
+        return (np.stack(invs).astype(np.float32), np.asarray(scales, np.float32),
+                np.asarray(dyn, np.float32))
+
+    def rope_thetas(self) -> np.ndarray:
+        return np.asarray([dict(p)["theta"] for p in self.rope], np.float32)
 
     def flops_per_token(self, seq_len: int = 0) -> float:
         """Approximate forward FLOPs per token (matmuls only), for throughput reports."""

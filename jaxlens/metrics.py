@@ -1,0 +1,1024 @@
+"""Per-layer probe metrics and per-pass summaries (spec/probe.md §2.1-2.11, 2.22, 2.24, 2.25, 2.27).
+
+Model-independent and pure numpy: everything here takes the per-layer arrays the lens engine
+(``jaxlens.lens_stats``) returns for ONE pass (one lens, one prompt) and plain Python data.
+
+Inputs, for a pass with L lens layers (L = n + 1 for the norm lens, n for the tuned lens) at the pure
+next-token position t* = T - 1. Arrays may be given either already sliced at t* ([L], [L, k]) or with
+the position axis ([L, T], [L, T, k]); :func:`pure_next_token_metrics` then takes ``pos`` (-1).
+
+* ``entropy_bits`` [L], ``kl_to_final_bits`` [L] (KL(P_layer || P_final), bits),
+* ``top_ids`` / ``top_probs`` [L, k]: probabilities descending (ties by lower id), full-softmax probs;
+  k >= 2 for the copy detectors, >= 5 for p_top5, >= 50 for ``topk_prompt_mass@50``,
+* ``gold_rank`` / ``gold_prob`` [L] at the gold first id (rank = 1 + #strictly greater),
+* ``answer_score`` [L] and ``top_scores`` [L, >=2]: the gold logit and the logits of ``top_ids``
+  (the engine's gathered logits). Log-probabilities work equally well - every gap below is a
+  difference of two scores of the same row, and ``log p_i = z_i - lse``; when neither is given the
+  gaps are computed from ``log(gold_prob)`` and ``log(top_probs)``,
+* ``cos_to_final`` [L]; ``cos_to_answer`` [L]; ``cos_to_prompt`` [L, P] (cosine of the decoded state
+  with the decoder column of every prompt-vocabulary id, in :func:`prompt_vocab` order) or [L] (the max),
+* ``prompt_probs`` [L, P]: probabilities at the prompt-vocabulary ids (``exp(z - lse)``),
+* ``control_probs`` = (P(control answer) [L], P(primary answer) [L]) on the control pass,
+* ``decode(id) -> str`` for token strings (``jaxlens.gold.token_decoder``).
+
+Outputs are plain Python (lists, floats, ints, bools, None): the per-layer "pure next-token" columns
+keyed by their CSV names, and the summary dicts keyed (and ordered) like the reference JSON.
+
+Reference bugs handled here (Appendix A): Q1 is FIXED by default (the answer-logit gap reaches the
+summaries); ``ReferenceQuirks(q1_gap_not_in_summaries=True)`` reproduces the reference. N1 (not in
+Appendix A, found in the reference source): the copy-threshold stability rule looks up the key
+"0.70" while the map is keyed "0.7", so it can never say "stable"/"fragile"; fixed by default,
+``ReferenceQuirks(copy_stability_key_bug=True)`` reproduces it. See docs/probe_metrics.md.
+"""
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .suite import CopyThresholds, SemanticThresholds, Thresholds
+
+__all__ = [
+    "LN2",
+    "NEXT_TOKEN",
+    "ReferenceQuirks",
+    # primitives
+    "percentile",
+    "first_layer",
+    "depth_fraction",
+    "entropy_bits_from_logits",
+    "kl_bits",
+    "teacher_entropy_bits",
+    "cosine_to_final",
+    "geom_cosines",
+    "rest_mass",
+    "answer_logit_gaps",
+    # copy / surface
+    "is_pure_ws_punct",
+    "is_id_subseq",
+    "format_threshold",
+    "copy_strict_label",
+    "copy_soft_label",
+    "copy_flag_columns",
+    "top1_windows",
+    "strict_copy_flags",
+    "soft_copy_flags",
+    "copy_flags",
+    "copy_ignore_mask",
+    "prompt_vocab",
+    "topk_prompt_mass",
+    "is_verbose_position",
+    "verbose_positions",
+    # per pass
+    "pure_next_token_metrics",
+    "columns_to_rows",
+    # summaries
+    "rank_milestones",
+    "kl_milestones",
+    "cos_milestones",
+    "entropy_gap_summary",
+    "copy_stability",
+    "copy_thresholds_summary",
+    "copy_norm_only_flags",
+    "semantic_summary",
+    "summarize_pass",
+    "add_confirmed_fields",
+    "control_summary",
+    "ablation_summary",
+    "micro_suite",
+    "unembed_bias_audit",
+    "final_head_probe",
+]
+
+LN2 = math.log(2.0)
+#: The ``token`` cell of pure next-token rows.
+NEXT_TOKEN = "\u27e8NEXT\u27e9"
+
+
+@dataclass(frozen=True)
+class ReferenceQuirks:
+    """Which reference bugs to reproduce (all fixed by default; ``ReferenceQuirks.reference()`` = the
+    published behaviour)."""
+
+    #: Q1: the per-layer answer-logit gap never reaches the summaries, so ``answer_margin_thresholds``,
+    #: ``L_semantic_top2_ok_norm(_frac)``, ``gap_at_L_semantic_norm``, ``L_semantic_strong(_run2)`` and
+    #: their depth fractions are null.
+    q1_gap_not_in_summaries: bool = False
+    #: N1: ``copy_thresholds.stability`` is "none" when no strict layer exists, else always "mixed".
+    copy_stability_key_bug: bool = False
+
+    @classmethod
+    def reference(cls) -> "ReferenceQuirks":
+        return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True)
+
+
+# ==============================================================================================
+# Primitives
+# ==============================================================================================
+
+def percentile(values: Iterable, q: float) -> Optional[float]:
+    """Spec §0 percentile: sort; rank = q (m - 1); linear interpolation between floor and ceil
+    (numpy's "linear" method). None for no values, the value itself for one. ``None`` entries are
+    ignored."""
+    vals = sorted(float(v) for v in values if v is not None)
+    if not vals:
+        return None
+    if len(vals) == 1:
+        return vals[0]
+    rank = (len(vals) - 1) * float(q)
+    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    if lo == hi:
+        return vals[lo]
+    return vals[lo] + (vals[hi] - vals[lo]) * (rank - lo)
+
+
+def first_layer(flags: Sequence, layers: Optional[Sequence[int]] = None) -> Optional[int]:
+    """Smallest layer whose flag is truthy (``None`` counts as False); None if there is none.
+    ``layers`` defaults to 0..len-1 and is taken in ascending order."""
+    layers = list(range(len(flags))) if layers is None else [int(x) for x in layers]
+    for layer, f in sorted(zip(layers, flags), key=lambda t: t[0]):
+        if f is not None and bool(f):
+            return layer
+    return None
+
+
+def depth_fraction(layer: Optional[int], n_layers: int, ndigits: int = 3) -> Optional[float]:
+    """``round(L / n, ndigits)`` (Python round), None when L is None or n is not positive."""
+    if layer is None or not n_layers or n_layers <= 0:
+        return None
+    return round(float(layer) / float(n_layers), ndigits)
+
+
+def _log_softmax32(z) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float32)
+    m = np.max(z, axis=-1, keepdims=True)
+    s = np.sum(np.exp(z - m), axis=-1, keepdims=True, dtype=np.float32)
+    return (z - m - np.log(s)).astype(np.float32)
+
+
+def entropy_bits_from_logits(logits) -> float:
+    """Entropy of softmax(logits) in bits, from log_softmax in fp32, terms with p = 0 set to 0 (§2.1)."""
+    lp = _log_softmax32(logits)
+    p = np.exp(lp)
+    terms = np.where(p > 0, p * lp, np.float32(0.0))
+    return float(-np.sum(terms, dtype=np.float32) / np.float32(LN2))
+
+
+def kl_bits(p, q) -> float:
+    """KL(p || q) in bits with the reference's 1e-30 guards: Σ p (log(p+1e-30) - log(q+1e-30)) / ln 2."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))) / LN2)
+
+
+def teacher_entropy_bits(final_logits) -> float:
+    """``teacher_entropy_bits`` = -Σ q log(q + 1e-30) / ln 2 with q = softmax(final logits) in fp32 (§2.1)."""
+    q = np.exp(_log_softmax32(final_logits))
+    s = np.sum(q * np.log(q + np.float32(1e-30)), dtype=np.float32)
+    return float(-s) / LN2
+
+
+def cosine_to_final(vectors, final_logits, bias=None) -> np.ndarray:
+    """§2.2 reference computation: ``final_dir = (f - b) / (‖f - b‖ + 1e-12)`` from the model's output
+    logits f at t*, and for each bias-free layer vector v [L, V] (``h_geom @ W_U``),
+    ``cos = <v / (‖v‖ + 1e-12), final_dir>``, in fp32. (The engine computes this without logits; this
+    dense version defines the numbers and tests it.)"""
+    f = np.asarray(final_logits, dtype=np.float32).reshape(-1)
+    if bias is not None:
+        f = f - np.asarray(bias, dtype=np.float32).reshape(-1)
+    d = f / (np.linalg.norm(f) + np.float32(1e-12))
+    v = np.asarray(vectors, dtype=np.float32)
+    v = v / (np.linalg.norm(v, axis=-1, keepdims=True) + np.float32(1e-12))
+    return (v @ d).astype(np.float32)
+
+
+def geom_cosines(h_geom, W_U, answer_id: Optional[int], prompt_ids: Sequence[int]) -> tuple:
+    """§2.7 reference computation for rows ``h_geom`` [L, d] and the unembedding ``W_U`` [d, V]:
+    (``cos_to_answer`` [L] or None, ``cos_to_prompt`` [L, P]) with every vector normalised by
+    ``‖·‖ + 1e-12``; ``cos_to_prompt_max`` is the row max (None for an empty prompt vocabulary)."""
+    h = np.asarray(h_geom, dtype=np.float32)
+    h = h / (np.linalg.norm(h, axis=-1, keepdims=True) + np.float32(1e-12))
+
+    def cols(ids):
+        c = np.asarray(W_U, dtype=np.float32)[:, list(ids)]
+        return c / (np.linalg.norm(c, axis=0, keepdims=True) + np.float32(1e-12))
+    ca = None if answer_id is None else (h @ cols([int(answer_id)]))[:, 0]
+    cp = h @ cols(prompt_ids) if len(prompt_ids) else np.zeros((h.shape[0], 0), np.float32)
+    return ca, cp
+
+
+def rest_mass(top_probs) -> np.ndarray:
+    """``rest_mass`` of records / pure rows: max(0, 1 - Σ written top-k probs) (sum in float64).
+    ``top_probs`` [..., k] are the probabilities written in that row."""
+    tp = np.asarray(top_probs, dtype=np.float64)
+    return np.maximum(0.0, 1.0 - tp.sum(axis=-1))
+
+
+def answer_logit_gaps(answer_rank, answer_id: Optional[int], top_ids, top_scores,
+                      answer_score) -> tuple:
+    """§2.9 margins in logit units, per layer.
+
+    ``answer_logit_gap`` = z_a - (second-largest logit), only where rank == 1 and a is the arg-max
+    (``top_ids[:, 0] == a``); ``answer_vs_top1_gap`` = z_a - (largest logit), only where rank > 1.
+    ``top_scores`` [L, >=2] / ``answer_score`` [L] are logits or log-probabilities (same differences).
+    Returns two lists with None where undefined.
+    """
+    L = len(top_ids)
+    gap, vs = [None] * L, [None] * L
+    if answer_id is None or answer_rank is None or answer_score is None:
+        return gap, vs
+    top_ids = np.asarray(top_ids)
+    top_scores = np.asarray(top_scores, dtype=np.float64)
+    answer_score = np.asarray(answer_score, dtype=np.float64)
+    for i in range(L):
+        r = answer_rank[i]
+        if r is None:
+            continue
+        r = int(r)
+        if r == 1 and int(top_ids[i, 0]) == int(answer_id) and top_scores.shape[1] > 1:
+            gap[i] = float(answer_score[i] - top_scores[i, 1])
+        elif r > 1:
+            vs[i] = float(answer_score[i] - top_scores[i, 0])
+    return gap, vs
+
+
+# ==============================================================================================
+# Copy detectors (§2.3), prompt vocabulary, verbose positions
+# ==============================================================================================
+
+_PUNCT = set(string.punctuation)
+
+
+def is_pure_ws_punct(s: Optional[str]) -> bool:
+    """Whitespace/punctuation guard: True if ``s.strip() == ""``, or if it strips to nothing once the
+    tokenizer space markers ``▁`` (U+2581), ``Ġ`` (U+0120), ``Ċ`` (U+010A) become spaces, or if every
+    character (markers replaced) is whitespace or ASCII punctuation. None -> False."""
+    if s is None:
+        return False
+    if s.strip() == "":
+        return True
+    t = s.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", " ")
+    if t.strip() == "":
+        return True
+    return all(ch.isspace() or ch in _PUNCT for ch in t)
+
+
+def is_id_subseq(needle: Sequence[int], haystack: Sequence[int]) -> bool:
+    """True iff ``needle`` (non-empty) equals some contiguous slice of ``haystack``."""
+    k = len(needle)
+    if k == 0 or k > len(haystack):
+        return False
+    needle = [int(x) for x in needle]
+    hay = [int(x) for x in haystack]
+    return any(hay[i:i + k] == needle for i in range(len(hay) - k + 1))
+
+
+def format_threshold(x: float, decimals: int = 6) -> str:
+    """Threshold label: ``decimals`` decimals, trailing zeros and dot stripped (0.95 -> "0.95", 0.5 -> "0.5")."""
+    return f"{float(x):.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def copy_strict_label(tau: float, sweep: bool = False) -> str:
+    """``copy_strict@{tau}``: 6 decimals for the primary label, 2 for sweep labels (both stripped)."""
+    return f"copy_strict@{format_threshold(tau, 2 if sweep else 6)}"
+
+
+def copy_soft_label(k: int, tau: float) -> str:
+    return f"copy_soft_k{int(k)}@{format_threshold(tau, 6)}"
+
+
+def _soft_extra_pairs(cfg: CopyThresholds) -> list:
+    pairs = {(float(t), int(k)) for t in cfg.soft_extra_thresholds for k in cfg.soft_window_ks}
+    pairs -= {(float(cfg.soft_threshold), int(k)) for k in cfg.soft_window_ks}
+    return sorted(pairs)
+
+
+def copy_flag_columns(cfg: Optional[CopyThresholds] = None) -> list:
+    """``copy_flag_columns`` (JSON and CSV order): the primary strict label, the sweep labels
+    (deduplicated, first occurrence kept), the soft labels by k, then extra soft labels sorted by (tau, k)."""
+    cfg = cfg or CopyThresholds()
+    out = [copy_strict_label(cfg.strict_threshold)]
+    for t in sorted(set(float(x) for x in cfg.strict_sweep)):
+        lab = copy_strict_label(t, sweep=True)
+        if lab not in out:
+            out.append(lab)
+    for k in dict.fromkeys(int(k) for k in cfg.soft_window_ks):
+        lab = copy_soft_label(k, cfg.soft_threshold)
+        if lab not in out:
+            out.append(lab)
+    for t, k in _soft_extra_pairs(cfg):
+        lab = copy_soft_label(k, t)
+        if lab not in out:
+            out.append(lab)
+    return out
+
+
+def top1_windows(top1_ids: Sequence[int], k: int) -> list:
+    """The rolling top-1 window of each layer: the last ``k`` top-1 ids of this pass up to and
+    including the layer (windows span consecutive layers of one pass and start empty)."""
+    ids = [int(x) for x in top1_ids]
+    return [ids[max(0, i - k + 1):i + 1] for i in range(len(ids))]
+
+
+def strict_copy_flags(top1_ids, p1, p2, ctx_ids: Sequence[int], top1_strs: Sequence[str], *,
+                      threshold: float, margin: float, window_k: int = 1) -> list:
+    """Strict copy per layer: the last ``window_k`` top-1 ids are a contiguous slice of ``ctx_ids``,
+    p1 > threshold and p1 - p2 > margin; forced False when the top-1 string passes
+    :func:`is_pure_ws_punct`."""
+    out = []
+    for w, a, b, s in zip(top1_windows(top1_ids, window_k), p1, p2, top1_strs):
+        hit = (len(w) >= window_k and is_id_subseq(w[-window_k:], ctx_ids)
+               and float(a) > threshold and (float(a) - float(b)) > margin)
+        out.append(bool(hit and not is_pure_ws_punct(s)))
+    return out
+
+
+def soft_copy_flags(top1_ids, p1, ctx_ids: Sequence[int], *, threshold: float, k: int) -> list:
+    """Soft copy per layer: the window of the last k top-1 ids has length >= k, is a contiguous slice of
+    ``ctx_ids`` and p_top1 > threshold. No margin, no whitespace guard (Q15, reproduced)."""
+    return [bool(len(w) >= k and is_id_subseq(w, ctx_ids) and float(a) > threshold)
+            for w, a in zip(top1_windows(top1_ids, k), p1)]
+
+
+def copy_flags(top1_ids, p1, p2, ctx_ids: Sequence[int], top1_strs: Sequence[str],
+               cfg: Optional[CopyThresholds] = None, *, sweep: bool = True) -> dict:
+    """All copy columns of a pass: ``copy_collapse`` plus every label of :func:`copy_flag_columns`
+    (the strict sweep only when ``sweep``; the Prism sidecar has none)."""
+    cfg = cfg or CopyThresholds()
+    strict = strict_copy_flags(top1_ids, p1, p2, ctx_ids, top1_strs, threshold=cfg.strict_threshold,
+                               margin=cfg.strict_margin, window_k=cfg.strict_window_k)
+    out = {"copy_collapse": strict, copy_strict_label(cfg.strict_threshold): strict}
+    if sweep:
+        for t in sorted(set(float(x) for x in cfg.strict_sweep)):
+            lab = copy_strict_label(t, sweep=True)
+            if lab not in out:
+                out[lab] = strict_copy_flags(top1_ids, p1, p2, ctx_ids, top1_strs, threshold=t,
+                                             margin=cfg.strict_margin, window_k=cfg.strict_window_k)
+    for k in dict.fromkeys(int(k) for k in cfg.soft_window_ks):
+        out.setdefault(copy_soft_label(k, cfg.soft_threshold),
+                       soft_copy_flags(top1_ids, p1, ctx_ids, threshold=cfg.soft_threshold, k=k))
+    for t, k in _soft_extra_pairs(cfg):
+        out.setdefault(copy_soft_label(k, t), soft_copy_flags(top1_ids, p1, ctx_ids, threshold=t, k=k))
+    return out
+
+
+def copy_ignore_mask(decode: Callable[[int], str], vocab_size: int, sample: int = 16) -> dict:
+    """``diagnostics.copy_mask`` (transparency only): ids 0..V-1 whose decoded string passes the guard,
+    the first ``sample`` of their strings, and the count."""
+    ids, strs = [], []
+    for i in range(int(vocab_size)):
+        s = decode(i)
+        if is_pure_ws_punct(s):
+            ids.append(i)
+            if len(strs) < sample:
+                strs.append(s)
+    return {"ignored_token_ids": ids, "ignored_token_str_sample": strs, "size": len(ids)}
+
+
+def prompt_vocab(ctx_ids: Sequence[int], decode: Callable[[int], str]) -> list:
+    """Prompt vocabulary of the surface metrics: unique ``ctx_ids`` in first-occurrence order whose
+    decoded string does not pass the whitespace/punctuation guard."""
+    out, seen = [], set()
+    for t in ctx_ids:
+        t = int(t)
+        if t in seen:
+            continue
+        seen.add(t)
+        if not is_pure_ws_punct(decode(t)):
+            out.append(t)
+    return out
+
+
+def topk_prompt_mass(top_ids, top_probs, vocab_ids: Iterable[int], k: int = 50) -> np.ndarray:
+    """``topk_prompt_mass@50`` per row: Σ of p over the top-k ids that are in the prompt vocabulary."""
+    ids = np.asarray(top_ids)[..., :k]
+    probs = np.asarray(top_probs, dtype=np.float64)[..., :k]
+    if ids.shape[-1] < k:
+        raise ValueError(f"topk_prompt_mass needs the top {k} ids, got {ids.shape[-1]}")
+    mask = np.isin(ids, np.asarray(list(vocab_ids), dtype=ids.dtype))
+    return np.where(mask, probs, 0.0).sum(axis=-1)
+
+
+def is_verbose_position(token_str: str, important_words: Iterable[str]) -> bool:
+    """§1.10 / §2.27: the position string, lower-cased and with ``.,!?;:`` trimmed from both ends,
+    contains one of the important words (case-insensitive substring)."""
+    t = (token_str or "").lower().strip(".,!?;:")
+    return any(w.lower() in t for w in important_words if w)
+
+
+def verbose_positions(token_strs: Sequence[str], important_words: Iterable[str]) -> list:
+    """Which positions of a prompt get top-20 in the records CSV: the last one, and every position
+    whose token matches an important word (:func:`is_verbose_position`)."""
+    words = list(important_words)
+    n = len(token_strs)
+    return [i == n - 1 or is_verbose_position(s, words) for i, s in enumerate(token_strs)]
+
+
+# ==============================================================================================
+# The pure next-token columns of one pass
+# ==============================================================================================
+
+def _at(x, pos: int, ndim: int):
+    """Slice the position axis off an array given with it ([L, T] / [L, T, k])."""
+    if x is None:
+        return None
+    a = np.asarray(x)
+    if a.ndim == ndim + 1:
+        a = a[:, pos]
+    if a.ndim != ndim:
+        raise ValueError(f"expected an array with {ndim} (or {ndim + 1}) dimensions, got shape {a.shape}")
+    return a
+
+
+def _tolist(a) -> list:
+    return None if a is None else np.asarray(a).tolist()
+
+
+def pure_next_token_metrics(
+    *,
+    entropy_bits,
+    kl_to_final_bits,
+    top_ids,
+    top_probs,
+    teacher_entropy_bits: float,
+    vocab_size: int,
+    ctx_ids: Sequence[int],
+    decode: Callable[[int], str],
+    gold_id: Optional[int] = None,
+    gold_string: Optional[str] = None,
+    gold_rank=None,
+    gold_prob=None,
+    answer_score=None,
+    top_scores=None,
+    kl_to_final_bits_norm_temp=None,
+    cos_to_final=None,
+    cos_to_answer=None,
+    cos_to_prompt=None,
+    prompt_probs=None,
+    prompt_vocab_ids: Optional[Sequence[int]] = None,
+    control_probs: Optional[tuple] = None,
+    layers: Optional[Sequence[int]] = None,
+    lens: str = "norm",
+    margin_gate: Optional[bool] = None,
+    strict_sweep: Optional[bool] = None,
+    thresholds: Optional[Thresholds] = None,
+    pure_top_k: int = 5,
+    pos: int = -1,
+) -> dict:
+    """Every §2 metric of the pure next-token rows of one pass, as columns keyed by CSV name.
+
+    Returns ``{name: list over layers}`` with ``layer``, ``top1_id``, ``top1``, ``entropy``,
+    ``entropy_bits``, ``top_ids`` / ``top_probs`` (first ``pure_top_k``), ``rest_mass``, the copy
+    columns (``copy_collapse`` and :func:`copy_flag_columns`), ``entropy_collapse``, ``is_answer``,
+    ``p_top1``, ``p_top5``, ``p_answer``, ``answer_minus_uniform``, ``semantic_margin_ok`` (norm lens
+    only, else None), ``teacher_entropy_bits``, ``kl_to_final_bits``, ``kl_to_final_bits_norm_temp``,
+    ``answer_rank``, ``cos_to_final``, ``cos_to_answer``, ``cos_to_prompt_max``, ``geom_crossover``,
+    ``echo_mass_prompt``, ``answer_mass``, ``answer_minus_echo_mass``, ``mass_ratio_ans_over_prompt``,
+    ``topk_prompt_mass@50``, ``control_margin``, ``control_top2_logit_gap``, ``answer_logit_gap``,
+    ``answer_vs_top1_gap``. Missing inputs give None cells. ``layers`` defaults to 0..L-1 (pass
+    1..n for the tuned lens). ``margin_gate`` defaults to ``lens == "norm"``, ``strict_sweep`` to
+    ``lens != "prism"``.
+    """
+    th = thresholds or Thresholds()
+    ent = _at(entropy_bits, pos, 1)
+    L = len(ent)
+    layers = list(range(L)) if layers is None else [int(x) for x in layers]
+    if len(layers) != L:
+        raise ValueError("layers must have one entry per lens layer")
+    tid = _at(top_ids, pos, 2)
+    tpr = _at(top_probs, pos, 2)
+    if tid.shape[1] < 2:
+        raise ValueError("top_ids needs at least the top 2 ids per layer")
+    kl = _at(kl_to_final_bits, pos, 1)
+    margin_gate = (lens == "norm") if margin_gate is None else margin_gate
+    strict_sweep = (lens != "prism") if strict_sweep is None else strict_sweep
+    none = [None] * L
+
+    top1 = [int(i) for i in tid[:, 0]]
+    top1_str = [decode(i) for i in top1]
+    p1 = tpr[:, 0]
+    p2 = tpr[:, 1]
+    cols: dict = {"layer": layers, "top1_id": top1, "top1": top1_str}
+    cols["entropy"] = _tolist(ent)
+    cols["entropy_bits"] = _tolist(ent)
+    k_pure = min(int(pure_top_k), tid.shape[1])
+    cols["top_ids"] = tid[:, :k_pure].tolist()
+    cols["top_probs"] = tpr[:, :k_pure].tolist()
+    cols["rest_mass"] = rest_mass(tpr[:, :k_pure]).tolist()
+    cols.update(copy_flags(top1, p1, p2, ctx_ids, top1_str, th.copy, sweep=strict_sweep))
+    cols["entropy_collapse"] = [bool(e <= th.semantic.entropy_collapse_bits) for e in ent.tolist()]
+
+    rank = _at(gold_rank, pos, 1)
+    prob = _at(gold_prob, pos, 1)
+    if gold_id is not None and rank is not None:
+        rank_l = [int(r) for r in rank.tolist()]
+        cols["is_answer"] = [r == 1 for r in rank_l]
+    else:
+        rank_l = none
+        cols["is_answer"] = [bool(gold_string is not None and s.strip() == gold_string) for s in top1_str]
+    cols["p_top1"] = _tolist(p1)
+    cols["p_top5"] = [float(x) for x in np.sum(tpr[:, :5], axis=1, dtype=np.float32)]
+    p_uniform = 1.0 / float(vocab_size)
+    prob_l = _tolist(prob) if (gold_id is not None and prob is not None) else none
+    cols["p_answer"] = prob_l
+    amu = [None if p is None else float(p) - p_uniform for p in prob_l]
+    cols["answer_minus_uniform"] = amu
+    if margin_gate:
+        cols["semantic_margin_ok"] = [None if (r is None or a is None) else bool(r == 1 and a >= th.semantic.margin_delta_abs)
+                                      for r, a in zip(rank_l, amu)]
+    else:
+        cols["semantic_margin_ok"] = none
+    cols["teacher_entropy_bits"] = [None if teacher_entropy_bits is None else float(teacher_entropy_bits)] * L
+    cols["kl_to_final_bits"] = _tolist(kl)
+    cols["kl_to_final_bits_norm_temp"] = (_tolist(_at(kl_to_final_bits_norm_temp, pos, 1))
+                                          if kl_to_final_bits_norm_temp is not None else none)
+    cols["answer_rank"] = rank_l
+
+    # cosines and geometric crossover (§2.2, §2.7)
+    cols["cos_to_final"] = _tolist(_at(cos_to_final, pos, 1)) if cos_to_final is not None else none
+    ca = _at(cos_to_answer, pos, 1) if cos_to_answer is not None else None
+    cp = None
+    if cos_to_prompt is not None:
+        c = np.asarray(cos_to_prompt, dtype=np.float64)
+        if c.ndim == 3:
+            c = c[:, pos]
+        if c.ndim == 2:
+            cp = c.max(axis=1).tolist() if c.shape[1] else [None] * L
+        else:
+            cp = [float(v) for v in c]
+    cols["cos_to_answer"] = _tolist(ca) if ca is not None else none
+    cols["cos_to_prompt_max"] = cp if cp is not None else none
+    gamma = th.surface.geom_gamma
+    cols["geom_crossover"] = [None if (a is None or b is None) else bool(a >= b + gamma)
+                              for a, b in zip(cols["cos_to_answer"], cols["cos_to_prompt_max"])]
+
+    # surface masses (§2.6) and top-K prompt mass (§2.8)
+    if prompt_vocab_ids is None:
+        prompt_vocab_ids = prompt_vocab(ctx_ids, decode)
+    if prompt_probs is not None:
+        pp = _at(prompt_probs, pos, 2).astype(np.float64)
+        echo = pp.sum(axis=1).tolist() if pp.shape[1] else [0.0] * L
+        cols["echo_mass_prompt"] = echo
+        cols["answer_mass"] = prob_l
+        cols["answer_minus_echo_mass"] = [None if a is None else float(a) - e for a, e in zip(prob_l, echo)]
+        cols["mass_ratio_ans_over_prompt"] = [None if a is None else float(a) / (e + 1e-9)
+                                              for a, e in zip(prob_l, echo)]
+    else:
+        for name in ("echo_mass_prompt", "answer_mass", "answer_minus_echo_mass", "mass_ratio_ans_over_prompt"):
+            cols[name] = none
+    K = th.surface.topk_prompt_k
+    if tid.shape[1] >= K and lens != "prism":
+        cols["topk_prompt_mass@50"] = topk_prompt_mass(tid, tpr, prompt_vocab_ids, K).tolist()
+    else:
+        cols["topk_prompt_mass@50"] = none
+
+    # margins (§2.9) and control (§2.10)
+    if answer_score is None or top_scores is None:
+        with np.errstate(divide="ignore"):
+            a_sc = None if prob is None else np.log(np.asarray(prob, dtype=np.float64))
+            t_sc = np.log(tpr.astype(np.float64))
+    else:
+        a_sc = _at(answer_score, pos, 1)
+        t_sc = _at(top_scores, pos, 2)
+    gap, vs = answer_logit_gaps(None if gold_id is None else rank_l, gold_id, tid, t_sc, a_sc)
+    cols["answer_logit_gap"] = gap
+    cols["answer_vs_top1_gap"] = vs
+    if control_probs is not None:
+        pc = _at(control_probs[0], pos, 1).astype(np.float64)
+        pf = _at(control_probs[1], pos, 1).astype(np.float64)
+        cols["control_margin"] = (pc - pf).tolist()
+        cols["control_top2_logit_gap"] = gap
+    else:
+        cols["control_margin"] = none
+        cols["control_top2_logit_gap"] = none
+    return cols
+
+
+def columns_to_rows(cols: Mapping[str, Sequence]) -> list:
+    """Per-layer dicts from a column dict (one dict per layer)."""
+    names = list(cols)
+    n = len(cols[names[0]]) if names else 0
+    return [{k: cols[k][i] for k in names} for i in range(n)]
+
+
+# ==============================================================================================
+# Summaries of one pass
+# ==============================================================================================
+
+def _col(cols: Mapping, name: str, n: int) -> list:
+    v = cols.get(name)
+    return [None] * n if v is None else list(v)
+
+
+def rank_milestones(answer_rank: Sequence, layers: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """``first_rank_le_{k}``: first layer with answer_rank <= k."""
+    return {f"first_rank_le_{k}": first_layer([r is not None and int(r) <= k for r in answer_rank], layers)
+            for k in ks}
+
+
+def kl_milestones(kl: Sequence, layers: Sequence[int], thresholds: Sequence[float] = (0.5, 1.0)) -> dict:
+    """``first_kl_below_{x}``: first layer with KL <= x (note "<=")."""
+    return {f"first_kl_below_{float(x)}": first_layer([v is not None and float(v) <= x for v in kl], layers)
+            for x in thresholds}
+
+
+def cos_milestones(cos: Sequence, layers: Sequence[int], thresholds: Sequence[float] = (0.2, 0.4, 0.6)) -> dict:
+    """``cos_milestones[lens]``: {ge_x: first layer with cos_to_final >= x} (thresholds sorted)."""
+    out = {}
+    for t in sorted(set(float(x) for x in thresholds)):
+        out[f"ge_{format_threshold(t, 3)}"] = first_layer([c is not None and float(c) >= t for c in cos], layers)
+    return out
+
+
+def entropy_gap_summary(entropy_bits: Sequence, teacher_entropy_bits) -> tuple:
+    """(``entropy_gap_bits_percentiles`` {p25, p50, p75}, ``entropy_gap_samples``): percentiles of
+    entropy_bits - teacher_entropy_bits over the layers of the pass."""
+    if not isinstance(teacher_entropy_bits, (list, tuple, np.ndarray)):
+        teacher_entropy_bits = [teacher_entropy_bits] * len(entropy_bits)
+    gaps = [float(e) - float(t) for e, t in zip(entropy_bits, teacher_entropy_bits)
+            if e is not None and t is not None]
+    return {"p25": percentile(gaps, 0.25), "p50": percentile(gaps, 0.50), "p75": percentile(gaps, 0.75)}, len(gaps)
+
+
+def copy_stability(L_by_tau: Mapping[float, Optional[int]], n_layers: int,
+                   cfg: Optional[CopyThresholds] = None, *, quirk: bool = False) -> str:
+    """§2.3 stability of the strict-copy sweep: "none" if every L is null; "mixed" if L(max tau) or
+    L(min tau) is null; else with Δ = |L(max) - L(min)|: "stable" if Δ <= 2 or Δ/n <= 0.05, "fragile" if
+    Δ >= 6 or Δ/n >= 0.15, else "mixed". ``quirk`` reproduces reference bug N1."""
+    cfg = cfg or CopyThresholds()
+    if all(v is None for v in L_by_tau.values()):
+        return "none"
+    if quirk:
+        return "mixed"
+    taus = sorted(L_by_tau)
+    hi, lo = L_by_tau[taus[-1]], L_by_tau[taus[0]]
+    if hi is None or lo is None:
+        return "mixed"
+    d = abs(int(hi) - int(lo))
+    frac = d / float(n_layers) if n_layers and n_layers > 0 else 0.0
+    if d <= cfg.stability_stable_layers or frac <= cfg.stability_stable_frac:
+        return "stable"
+    if d >= cfg.stability_fragile_layers or frac >= cfg.stability_fragile_frac:
+        return "fragile"
+    return "mixed"
+
+
+def copy_thresholds_summary(cols: Mapping, layers: Sequence[int], n_layers: int,
+                            cfg: Optional[CopyThresholds] = None, *, quirk: bool = False) -> dict:
+    """``copy_thresholds`` {tau_list, L_copy_strict, L_copy_strict_frac, norm_only_flags (None until
+    :func:`copy_norm_only_flags` fills them), stability}. Keys are the 2-decimal stripped labels."""
+    cfg = cfg or CopyThresholds()
+    taus = sorted(set(float(x) for x in cfg.strict_sweep))
+    n = len(layers)
+    L_map, L_by_tau = {}, {}
+    for t in taus:
+        key = format_threshold(t, 2)
+        L = first_layer(_col(cols, copy_strict_label(t, sweep=True), n), layers)
+        L_map[key] = L
+        L_by_tau[t] = L
+    return {
+        "tau_list": [float(t) for t in taus],
+        "L_copy_strict": L_map,
+        "L_copy_strict_frac": {k: depth_fraction(v, n_layers) for k, v in L_map.items()},
+        "norm_only_flags": {k: None for k in L_map},
+        "stability": copy_stability(L_by_tau, n_layers, cfg, quirk=quirk),
+    }
+
+
+def copy_norm_only_flags(L_copy_strict: Mapping[str, Optional[int]], window_rows: Iterable[Mapping],
+                         radius: int) -> dict:
+    """``copy_thresholds.norm_only_flags`` after the windowed raw-lens check (§2.15 b): for each non-null
+    L(tau), True iff no raw-lens window row (``lens == "raw"``) within ±radius of L has
+    ``copy_strict@tau`` true; None where L(tau) is null."""
+    rows = [r for r in window_rows if r.get("lens") == "raw"]
+    out = {}
+    for key, L in L_copy_strict.items():
+        if L is None:
+            out[key] = None
+            continue
+        label = f"copy_strict@{key}"
+        hit = any(bool(r.get(label)) for r in rows
+                  if r.get("layer") is not None and abs(int(r["layer"]) - int(L)) <= radius)
+        out[key] = not hit
+    return out
+
+
+def semantic_summary(cols: Mapping, layers: Sequence[int], n_layers: int, *, p_uniform: Optional[float],
+                     cfg: Optional[SemanticThresholds] = None,
+                     quirks: ReferenceQuirks = ReferenceQuirks()) -> dict:
+    """Semantic collapse and gates (§2.5, §2.9) from the pure columns.
+
+    Returns {L_semantic, L_semantic_margin_ok, answer_margin_thresholds, semantic_margin,
+    semantic_gate, L_semantic_run2, L_semantic_strong, L_semantic_strong_run2, L_semantic_top2_ok}.
+    Strong = rank 1 ∧ answer_minus_uniform >= δ_abs ∧ answer_logit_gap >= δ_top2; run-of-two needs the
+    flag at ℓ and at ℓ + 1 (a missing ℓ + 1 row counts as False).
+    """
+    cfg = cfg or SemanticThresholds()
+    n = len(layers)
+    rank = _col(cols, "answer_rank", n)
+    amu = _col(cols, "answer_minus_uniform", n)
+    gap = [None] * n if quirks.q1_gap_not_in_summaries else _col(cols, "answer_logit_gap", n)
+    margin_ok = _col(cols, "semantic_margin_ok", n)
+    p_ans = _col(cols, "p_answer", n)
+    is_ans = _col(cols, "is_answer", n)
+
+    rank1 = [r is not None and int(r) == 1 for r in rank]
+    strong = [r1 and a is not None and float(a) >= cfg.margin_delta_abs and g is not None
+              and float(g) >= cfg.top2_delta_logit for r1, a, g in zip(rank1, amu, gap)]
+    top2_ok = [r1 and g is not None and float(g) >= cfg.top2_delta_logit for r1, g in zip(rank1, gap)]
+    by_layer = {l: i for i, l in enumerate(layers)}
+
+    def run2(flags):
+        for l in sorted(layers):
+            j = by_layer.get(l + 1)
+            if flags[by_layer[l]] and j is not None and flags[j]:
+                return l
+        return None
+
+    L_sem = first_layer(is_ans, layers)
+    L_margin = first_layer([bool(m) if m is not None else False for m in margin_ok], layers)
+    L_top2 = first_layer(top2_ok, layers)
+    i_sem = by_layer.get(L_sem) if L_sem is not None else None
+    margin_at_sem = None
+    if i_sem is not None:
+        if margin_ok[i_sem] is not None:
+            margin_at_sem = bool(margin_ok[i_sem])
+        elif rank[i_sem] is not None and amu[i_sem] is not None:
+            margin_at_sem = bool(int(rank[i_sem]) == 1 and float(amu[i_sem]) >= cfg.margin_delta_abs)
+    gap_thr = {f"gap_ge_{float(x)}": first_layer([g is not None and float(g) >= x for g in gap], layers)
+               for x in cfg.answer_gap_thresholds}
+    L_run2, L_strong, L_strong_run2 = run2(rank1), first_layer(strong, layers), run2(strong)
+    return {
+        "L_semantic": L_sem,
+        "L_semantic_margin_ok": L_margin,
+        "answer_margin_thresholds": gap_thr,
+        "semantic_margin": {
+            "delta_abs": float(cfg.margin_delta_abs),
+            "p_uniform": None if p_uniform is None else float(p_uniform),
+            "L_semantic_margin_ok_norm": L_margin,
+            "margin_ok_at_L_semantic_norm": margin_at_sem,
+            "p_answer_at_L_semantic_norm": None if i_sem is None or p_ans[i_sem] is None else float(p_ans[i_sem]),
+        },
+        "semantic_gate": {
+            "delta_top2_logit": float(cfg.top2_delta_logit),
+            "L_semantic_top2_ok_norm": L_top2,
+            "L_semantic_top2_ok_norm_frac": depth_fraction(L_top2, n_layers),
+            "gap_at_L_semantic_norm": None if i_sem is None or gap[i_sem] is None else float(gap[i_sem]),
+            "delta_abs": float(cfg.margin_delta_abs),
+            "L_semantic_run2": L_run2,
+            "L_semantic_strong": L_strong,
+            "L_semantic_strong_run2": L_strong_run2,
+        },
+        "L_semantic_run2": L_run2,
+        "L_semantic_strong": L_strong,
+        "L_semantic_strong_run2": L_strong_run2,
+        "L_semantic_top2_ok": L_top2,
+    }
+
+
+def summarize_pass(cols: Mapping[str, Sequence], *, n_layers: int, lens: str = "norm",
+                   p_uniform: Optional[float] = None, thresholds: Optional[Thresholds] = None,
+                   quirks: ReferenceQuirks = ReferenceQuirks()) -> dict:
+    """The per-pass summary (the primary pass's is merged into ``diagnostics``; tuned ones go to
+    ``tuned_lens.summaries``), keys in reference order.
+
+    ``cols`` are pure next-token columns keyed by CSV name (from :func:`pure_next_token_metrics`, or
+    parsed from a pure CSV), with a ``layer`` column. Surface keys carry the ``_{lens}`` suffix;
+    ``cos_milestones`` is keyed by lens; ``depth_fractions`` exists for the norm lens only (reference).
+    ``p_uniform`` = 1/V.
+    """
+    th = thresholds or Thresholds()
+    cc, sc, su = th.copy, th.semantic, th.surface
+    layers = [int(x) for x in cols["layer"]]
+    n = len(layers)
+    soft_ks = list(dict.fromkeys(int(k) for k in cc.soft_window_ks))
+
+    L_copy = first_layer(_col(cols, "copy_collapse", n), layers)
+    L_copy_H = first_layer(_col(cols, "entropy_collapse", n), layers)
+    sem = semantic_summary(cols, layers, n_layers, p_uniform=p_uniform, cfg=sc, quirks=quirks)
+    L_sem = sem["L_semantic"]
+    L_soft = {k: first_layer(_col(cols, copy_soft_label(k, cc.soft_threshold), n), layers) for k in soft_ks}
+    d_soft = {k: (None if L_sem is None or v is None else L_sem - v) for k, v in L_soft.items()}
+    delta = None if L_copy is None or L_sem is None else L_sem - L_copy
+
+    s: dict = {
+        "L_copy": L_copy,
+        "L_copy_H": L_copy_H,
+        "L_semantic": L_sem,
+        "delta_layers": delta,
+        "copy_thresh": float(cc.strict_threshold),
+        "copy_window_k": int(cc.strict_window_k),
+        "copy_match_level": "id_subsequence",
+    }
+    s.update(kl_milestones(_col(cols, "kl_to_final_bits", n), layers, sc.kl_milestones))
+    s.update(rank_milestones(_col(cols, "answer_rank", n), layers, sc.rank_milestones))
+    s["copy_soft_threshold"] = float(cc.soft_threshold)
+    s["copy_soft_window_ks"] = soft_ks
+    s["L_copy_soft"] = dict(L_soft)
+    s["delta_layers_soft"] = dict(d_soft)
+    s["copy_detector"] = {
+        "strict": {"thresh": float(cc.strict_threshold), "k": int(cc.strict_window_k), "L_copy_strict": L_copy},
+        "soft": {"thresh": float(cc.soft_threshold), "window_ks": list(soft_ks),
+                 "L_copy_soft": {f"k{k}": L_soft[k] for k in soft_ks}},
+        "deltas": {"\u0394_sem_minus_copy_strict": delta,
+                   "\u0394_sem_minus_copy_soft": {f"k{k}": d_soft[k] for k in soft_ks}},
+    }
+    s["answer_margin_thresholds"] = sem["answer_margin_thresholds"]
+    pct, count = entropy_gap_summary(_col(cols, "entropy_bits", n), _col(cols, "teacher_entropy_bits", n))
+    s["entropy_gap_bits_percentiles"] = pct
+    s["entropy_gap_samples"] = count
+    s["copy_thresholds"] = copy_thresholds_summary(cols, layers, n_layers, cc, quirk=quirks.copy_stability_key_bug)
+
+    # surface (§2.6), geometry (§2.7), top-K decay (§2.8)
+    ans, echo = _col(cols, "answer_mass", n), _col(cols, "echo_mass_prompt", n)
+    i_surf = next((i for i in sorted(range(n), key=lambda i: layers[i])
+                   if ans[i] is not None and echo[i] is not None and float(ans[i]) >= float(echo[i]) + su.surface_delta),
+                  None)
+    ca, cp = _col(cols, "cos_to_answer", n), _col(cols, "cos_to_prompt_max", n)
+    i_geom = next((i for i in sorted(range(n), key=lambda i: layers[i])
+                   if ca[i] is not None and cp[i] is not None and float(ca[i]) >= float(cp[i]) + su.geom_gamma), None)
+    tk = _col(cols, "topk_prompt_mass@50", n)
+    i_tk = next((i for i in sorted(range(n), key=lambda i: layers[i])
+                 if tk[i] is not None and float(tk[i]) <= su.topk_prompt_tau), None)
+    sfx = f"_{lens}" if lens else ""
+    s[f"L_surface_to_meaning{sfx}"] = None if i_surf is None else layers[i_surf]
+    s[f"answer_mass_at_L_surface{sfx}"] = None if i_surf is None else float(ans[i_surf])
+    s[f"echo_mass_at_L_surface{sfx}"] = None if i_surf is None else float(echo[i_surf])
+    s[f"L_geom{sfx}"] = None if i_geom is None else layers[i_geom]
+    s[f"cos_to_answer_at_L_geom{sfx}"] = None if i_geom is None else float(ca[i_geom])
+    s[f"cos_to_prompt_max_at_L_geom{sfx}"] = None if i_geom is None else float(cp[i_geom])
+    s[f"L_topk_decay{sfx}"] = None if i_tk is None else layers[i_tk]
+    s[f"topk_prompt_mass_at_L{sfx}"] = None if i_tk is None else float(tk[i_tk])
+    s[f"topk_prompt_tau{sfx}"] = float(su.topk_prompt_tau)
+    s[f"surface_delta{sfx}"] = float(su.surface_delta)
+    s[f"geom_gamma{sfx}"] = float(su.geom_gamma)
+    s["cos_milestones"] = {lens or "norm": cos_milestones(_col(cols, "cos_to_final", n), layers, su.cos_milestones)}
+
+    if (lens or "norm") == "norm" and n_layers and n_layers > 0:
+        df = {"L_semantic_frac": depth_fraction(L_sem, n_layers),
+              "first_rank_le_5_frac": depth_fraction(s.get("first_rank_le_5"), n_layers),
+              "L_copy_strict_frac": depth_fraction(L_copy, n_layers)}
+        for k in sorted(soft_ks):
+            df[f"L_copy_soft_k{k}_frac"] = depth_fraction(L_soft[k], n_layers)
+        df["L_semantic_run2_frac"] = depth_fraction(sem["L_semantic_run2"], n_layers)
+        df["L_semantic_strong_frac"] = depth_fraction(sem["L_semantic_strong"], n_layers)
+        df["L_semantic_strong_run2_frac"] = depth_fraction(sem["L_semantic_strong_run2"], n_layers)
+        s["depth_fractions"] = df
+    s["L_semantic_margin_ok"] = sem["L_semantic_margin_ok"]
+    s["semantic_margin"] = sem["semantic_margin"]
+    s["semantic_gate"] = sem["semantic_gate"]
+    return s
+
+
+def add_confirmed_fields(summary: dict, L_semantic_confirmed: Optional[int],
+                         window: int = 2) -> dict:
+    """The two fields run.py adds to the primary summary once confirmed semantics exist (§2.5):
+    ``semantic_margin.L_semantic_confirmed_margin_ok_norm`` (= L_confirmed if it equals the margin-ok
+    layer, else None) and ``semantic_gate.run2_overlaps_confirmed_window`` (True iff L_run2 or
+    L_run2 + 1 lies in [L_sem - window, L_sem + window] when a confirmed layer exists, else None).
+    Mutates and returns ``summary``."""
+    sm, sg = summary["semantic_margin"], summary["semantic_gate"]
+    L_margin = sm.get("L_semantic_margin_ok_norm")
+    sm["L_semantic_confirmed_margin_ok_norm"] = (
+        L_semantic_confirmed if (L_semantic_confirmed is not None and L_semantic_confirmed == L_margin) else None)
+    L_sem, L_run2 = summary.get("L_semantic"), sg.get("L_semantic_run2")
+    if L_semantic_confirmed is None or L_sem is None:
+        sg["run2_overlaps_confirmed_window"] = None
+    else:
+        lo, hi = L_sem - window, L_sem + window
+        sg["run2_overlaps_confirmed_window"] = bool(L_run2 is not None and (lo <= L_run2 <= hi or lo <= L_run2 + 1 <= hi))
+    return summary
+
+
+def control_summary(cols: Mapping[str, Sequence], *, control_answer_id: Optional[int],
+                    delta_top2_logit: float = 0.5) -> dict:
+    """``control_summary`` over the control pass's norm rows (§2.10): first layer with control_margin > 0,
+    max margin, first "strong" layer (margin > 0 ∧ control_top2_logit_gap >= δ ∧ top-1 == control id),
+    max top-2 gap, δ."""
+    layers = [int(x) for x in cols["layer"]]
+    n = len(layers)
+    margin, gap, top1 = (_col(cols, "control_margin", n), _col(cols, "control_top2_logit_gap", n),
+                         _col(cols, "top1_id", n))
+    first_pos = first_strong = None
+    max_m = max_g = None
+    for i in sorted(range(n), key=lambda i: layers[i]):
+        m, g = margin[i], gap[i]
+        if m is not None:
+            max_m = float(m) if max_m is None else max(max_m, float(m))
+            if m > 0 and first_pos is None:
+                first_pos = layers[i]
+        if g is not None:
+            max_g = float(g) if max_g is None else max(max_g, float(g))
+            if (m is not None and m > 0 and g >= delta_top2_logit and first_strong is None
+                    and (control_answer_id is None or (top1[i] is not None and int(top1[i]) == int(control_answer_id)))):
+                first_strong = layers[i]
+    return {"first_control_margin_pos": first_pos, "max_control_margin": max_m,
+            "first_control_strong_pos": first_strong, "max_control_top2_logit_gap": max_g,
+            "delta_top2_logit_ctl": float(delta_top2_logit)}
+
+
+def ablation_summary(orig: Mapping, no_filler: Mapping) -> dict:
+    """``ablation_summary`` (§2.11) from the primary fact's orig and no_filler pass summaries
+    (``L_copy`` and ``L_semantic``); deltas are no_filler - orig, None when a side is missing."""
+    lc_o, ls_o = orig.get("L_copy"), orig.get("L_semantic")
+    lc_n, ls_n = no_filler.get("L_copy"), no_filler.get("L_semantic")
+    return {"L_copy_orig": lc_o, "L_sem_orig": ls_o, "L_copy_nf": lc_n, "L_sem_nf": ls_n,
+            "delta_L_copy": None if lc_o is None or lc_n is None else lc_n - lc_o,
+            "delta_L_sem": None if ls_o is None or ls_n is None else ls_n - ls_o}
+
+
+def _round_or_none(x: Optional[float], nd: Optional[int] = None):
+    if x is None:
+        return None
+    return round(x) if nd is None else round(x, nd)
+
+
+def micro_suite(facts: Sequence[Mapping], *, n_layers: int, notes: str) -> dict:
+    """Micro-suite block (§2.24) from each fact's pos/orig norm summary.
+
+    ``facts``: one mapping per fact with ``fact_key``, ``fact_index``, ``summary`` (from
+    :func:`summarize_pass`), ``row_offset`` (index, among the data rows of the pure CSV of all passes,
+    of that pass's first row, whose layer is ``first_layer`` - default 0) and optional
+    ``L_semantic_confirmed`` (the reference sets it for fact 0 only, Q11).
+
+    Per fact: L_copy_strict, L_copy_soft_k1, L_semantic_norm, L_semantic_confirmed,
+    L_semantic_margin_ok_norm, delta_hat = (L_sem - (L_copy_strict, else the earliest soft copy
+    layer)) / n, row_index. Aggregates: medians rounded to int (Python round), delta_hat median to 4 d.p.,
+    L_semantic_norm IQR [p25, p75] rounded, n_missing = facts without L_semantic.
+    Returns {facts, aggregates, citations {fact_rows}}.
+    """
+    rows, cites = [], {}
+    for f in facts:
+        s = f["summary"]
+        L_sem = s.get("L_semantic")
+        L_strict = s.get("copy_detector", {}).get("strict", {}).get("L_copy_strict", s.get("L_copy"))
+        soft = s.get("L_copy_soft", {}) or {}
+        soft_vals = [v for v in soft.values() if v is not None]
+        base = L_strict if L_strict is not None else (min(soft_vals) if soft_vals else None)
+        delta_hat = None if (L_sem is None or base is None or not n_layers) else (L_sem - base) / float(n_layers)
+        row_index = None
+        if L_sem is not None and f.get("row_offset") is not None:
+            row_index = int(f["row_offset"]) + int(L_sem) - int(f.get("first_layer", 0))
+        rows.append({"fact_key": f["fact_key"], "fact_index": f["fact_index"], "L_copy_strict": L_strict,
+                     "L_copy_soft_k1": soft.get(1, soft.get("1")), "L_semantic_norm": L_sem,
+                     "L_semantic_confirmed": f.get("L_semantic_confirmed"),
+                     "L_semantic_margin_ok_norm": s.get("L_semantic_margin_ok"),
+                     "delta_hat": delta_hat, "row_index": row_index})
+        cites[f["fact_key"]] = row_index
+
+    def med(key):
+        return _round_or_none(percentile([r[key] for r in rows], 0.5))
+
+    sems = [r["L_semantic_norm"] for r in rows]
+    iqr = None
+    if any(v is not None for v in sems):
+        iqr = [_round_or_none(percentile(sems, 0.25)), _round_or_none(percentile(sems, 0.75))]
+    agg = {"n": len(rows),
+           "L_copy_strict_median": med("L_copy_strict"),
+           "L_copy_soft_k1_median": med("L_copy_soft_k1"),
+           "L_semantic_norm_median": med("L_semantic_norm"),
+           "L_semantic_confirmed_median": med("L_semantic_confirmed"),
+           "L_semantic_margin_ok_norm_median": med("L_semantic_margin_ok_norm"),
+           "delta_hat_median": _round_or_none(percentile([r["delta_hat"] for r in rows], 0.5), 4),
+           "L_semantic_norm_iqr": iqr,
+           "n_missing": sum(1 for v in sems if v is None),
+           "notes": notes}
+    return {"facts": rows, "aggregates": agg, "citations": {"fact_rows": cites}}
+
+
+# ==============================================================================================
+# Run-level probes (§2.22, §2.25)
+# ==============================================================================================
+
+def unembed_bias_audit(b_U) -> dict:
+    """``diagnostics.unembed_bias`` = {present: ‖b‖₂ > 0, l2_norm, max_abs} (no bias -> zeros)."""
+    if b_U is None:
+        return {"present": False, "l2_norm": 0.0, "max_abs": 0.0}
+    b = np.asarray(b_U, dtype=np.float64)
+    l2 = float(np.linalg.norm(b))
+    return {"present": bool(l2 > 0), "l2_norm": l2, "max_abs": float(np.max(np.abs(b))) if b.size else 0.0}
+
+
+def final_head_probe(logits, decode: Callable[[int], str], *, top_k: int, kind: str = "final_prediction",
+                     temperature: Optional[float] = None, prompt: Optional[str] = None) -> dict:
+    """A final-head probe record (§2.25) from one [V] logits vector of the model's real head:
+    {type, [prompt], [temperature], entropy (bits), topk: [[token, prob], ...]}. Probabilities are the
+    fp32 softmax of logits / temperature; the top-k is by largest logit (ties by lower id).
+    ``kind`` is "final_prediction", "test_prompt" or "temperature_exploration"."""
+    z = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if temperature is not None:
+        z = (z / np.float32(temperature)).astype(np.float32)
+    lp = _log_softmax32(z)
+    p = np.exp(lp)
+    order = np.lexsort((np.arange(z.size), -z))[: int(top_k)]
+    rec: dict = {"type": kind}
+    if prompt is not None:
+        rec["prompt"] = prompt
+    if temperature is not None:
+        rec["temperature"] = float(temperature)
+    rec["entropy"] = entropy_bits_from_logits(z)
+    rec["topk"] = [[decode(int(i)), float(p[i])] for i in order]
+    return rec

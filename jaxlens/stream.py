@@ -1,0 +1,959 @@
+"""Streaming lens statistics: decode many residual rows through an unembedding without logits.
+
+This module is model-independent. The caller hands it rows that are already normalised /
+translated (``h`` [T, R, d], token-major: T token rows, R lens rows per token, e.g. the n+1
+layers) and the unembedding ``W`` [d, V]; it returns per-row softmax statistics computed in one
+streaming pass over vocabulary chunks, never materialising a [T, R, V] array.
+
+Definitions (all statistics in float32 whatever the input dtype; GEMMs accumulate in fp32):
+
+* lens logits      z   = head(h) * (1 / temperature)  where head(x) = softcap(x @ W + bias)
+* teacher logits   z_f = head(teacher_h)              (no temperature)
+* softcap(x)       = c * tanh(x / c)                  (applied elementwise per chunk, before stats)
+* ``lse`` = logsumexp(z) (nats), ``entropy_bits`` = H(P)/ln 2,
+  ``kl_to_final_bits`` = KL(P || P_f), ``kl_final_to_layer_bits`` = KL(P_f || P) (bits),
+* ``gold_logit`` g is computed by a gather-dot with the same dtype / precision as the chunk GEMM,
+  ``gold_rank`` = 1 + #{v != gold : z_v > g} (strict: ties are in the gold's favour),
+  ``gold_prob`` = exp(g - lse); an out-of-range gold id (e.g. -1 for padding) gives rank -1 and
+  NaN prob / logit,
+* ``top_ids`` / ``top_probs`` [..., k]: probabilities descending, ties broken by the lower id,
+* ``teacher_entropy_bits`` / ``teacher_lse`` [T] for the teacher rows.
+
+Streaming math (per row, per vocab chunk c; see notes §4.2): running max m, S = sum e^{z-m},
+Zc = sum e^{z-m}(z-m), and co-located with the token's teacher (m_f, S_f, Zfc likewise)
+Ac = sum e^{z-m}(z_f-m_f), Bc = sum e^{z_f-m_f}(z-m); all rescaled when a max moves. Then
+
+    lse = m + log S,          H = log S - Zc/S
+    KL(P || P_f) = (Zc - Ac)/S  - log S   + log S_f
+    KL(P_f || P) = (Zfc - Bc)/S_f - log S_f + log S
+
+Vocabulary chunks: chunk i covers columns [start_i, start_i + C) with
+start_i = min(i*C, V_local - C). For the last chunk, when C does not divide V, the slice is
+clamped inside W and the columns below i*C (already seen by chunk i-1) are masked to a very
+negative value (NEG), which is exactly equivalent to zero-padding W and masking the padded
+columns, but copies nothing: W is never padded on the single-device / row-parallel paths.
+Masked columns never count in S, ranks or top-k.
+
+Parallelism (one code path: partial accumulators -> combine -> finalize):
+
+* rows: ``mesh`` + ``row_axis``: the token axis T is sharded, W replicated; no communication.
+* vocab: ``mesh`` + ``vocab_axis``: W is sharded on its vocab axis (padded to a multiple of the
+  axis size; padded ids are masked); every shard streams its local slice with its global id
+  offset; partial accumulators are combined with pmax / psum (with rescaling), the gold logit
+  is contributed by its owner shard through a masked psum, and top-k is merged from the
+  per-shard candidates (shard order = id order, so lower ids win ties).
+* both can be given at once on a 2-D mesh.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = [
+    "stream_stats",
+    "dense_stats",
+    "pair_stats",
+    "gather_logits",
+    "set_mass",
+    "set_mass_in_topk",
+    "topk_jaccard",
+    "gram",
+    "gram_cosine",
+    "NEG",
+]
+
+#: Value given to masked (padded / already-counted) vocabulary columns. Finite on purpose:
+#: exp(NEG - m) == 0 and 0 * NEG == 0, so no NaN can arise from 0 * inf in the accumulators.
+NEG = -1e30
+_LN2 = math.log(2.0)
+_F32 = jnp.float32
+
+# Default working-set budget: rows x chunk elements of one [rows, C] fp32 block. The token axis
+# is split into blocks (lax.map) when T*R*C exceeds it. Tuned on a 2-core AVX-512 CPU (the
+# block then stays near the L3 cache); accelerators can pass a bigger ``block_elems``.
+DEFAULT_CHUNK = 4096
+DEFAULT_BLOCK_ELEMS = 1 << 24
+
+
+class _Cfg(NamedTuple):
+    vocab: int  # true vocabulary size V (global)
+    chunk: int  # requested chunk size
+    top_k: int
+    softcap: Optional[float]
+    has_bias: bool
+    has_temp: bool
+    has_teacher: bool
+    has_gold: bool
+    token_block: int  # tokens per block (<= local T)
+    precision: Any
+    unroll: int
+    topk_group: Optional[int]  # None = auto
+
+
+# ----------------------------------------------------------------------------------------------
+# small shared pieces
+
+
+def _dot(x, w, precision):
+    """x [..., d] @ w [d, N] -> [..., N] with fp32 accumulation."""
+    return lax.dot_general(
+        x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=_F32
+    )
+
+
+def _softcap(z, softcap):
+    if softcap is None:
+        return z
+    c = float(softcap)
+    return c * jnp.tanh(z * (1.0 / c))
+
+
+def _compute_dtype(h, W):
+    return jnp.promote_types(h.dtype, W.dtype)
+
+
+def _gold_dot(h, W_cols, precision):
+    """h [T, R, d], W_cols [d, T] (each token's gold column) -> [T, R] fp32.
+
+    Written as a batched dot_general with the same operand dtype, precision and fp32
+    accumulation as the chunk GEMM (the gather-dot of notes §4.2).
+    """
+    wt = jnp.transpose(W_cols)[:, :, None]  # [T, d, 1]
+    out = lax.dot_general(
+        h, wt, (((2,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=_F32
+    )  # [T, R, 1]
+    return out[..., 0]
+
+
+def _norm_temperature(temperature, T, R):
+    """temperature: None, scalar, [R] or [T, R] -> inverse temperature [T, R] fp32 (or None)."""
+    if temperature is None:
+        return None
+    t = jnp.asarray(temperature, _F32)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (T, R))
+    elif t.ndim == 1:
+        if t.shape[0] != R:
+            raise ValueError(f"temperature of shape {t.shape} does not match R={R} lens rows")
+        t = jnp.broadcast_to(t[None, :], (T, R))
+    elif t.shape != (T, R):
+        raise ValueError(f"temperature of shape {t.shape} is neither [R] nor [T, R]=({T}, {R})")
+    return 1.0 / t
+
+
+# ----------------------------------------------------------------------------------------------
+# partial accumulators over one local vocab slice, for one block of tokens
+
+
+def _init_acc(Tb, R, cfg):
+    acc = {
+        "m": jnp.full((Tb, R), NEG, _F32),
+        "S": jnp.zeros((Tb, R), _F32),
+        "Zc": jnp.zeros((Tb, R), _F32),
+    }
+    if cfg.has_teacher:
+        acc.update(
+            mf=jnp.full((Tb,), NEG, _F32),
+            Sf=jnp.zeros((Tb,), _F32),
+            Zfc=jnp.zeros((Tb,), _F32),
+            Ac=jnp.zeros((Tb, R), _F32),
+            Bc=jnp.zeros((Tb, R), _F32),
+        )
+    if cfg.has_gold:
+        acc["cnt"] = jnp.zeros((Tb, R), jnp.int32)
+    if cfg.top_k:
+        acc["tv"] = jnp.full((Tb, R, cfg.top_k), -jnp.inf, _F32)
+        acc["ti"] = jnp.full((Tb, R, cfg.top_k), -1, jnp.int32)
+    return acc
+
+
+def _group_size(C, cfg):
+    """Group size G for the two-stage chunk top-k (1 = plain lax.top_k over the chunk)."""
+    k = cfg.top_k
+    if cfg.topk_group is not None:
+        G = int(cfg.topk_group)
+        return G if G > 1 and C % G == 0 and C // G >= k else 1
+    best, best_cost = 1, C
+    for G in (2, 4, 8, 16, 32, 64):
+        if C % G == 0 and C // G >= k:
+            cost = C // G + k * G
+            if cost < best_cost:
+                best, best_cost = G, cost
+    return best
+
+
+def _topk_merge(z, tv, ti, k, G, id0):
+    """Merge chunk logits z [..., C] (ids id0 + arange(C)) into the running top-k buffer.
+
+    tv / ti [..., k]: buffer values / ids, holding only ids below id0 (earlier chunks).
+    Returns (new values, new ids, chunk max). Ties go to the lower id: lax.top_k picks the
+    earlier position among equal values (XLA's TopK breaks ties by index), the buffer comes
+    first and candidates are laid out in id order.
+
+    G > 1: two-stage selection. The top-k elements of the chunk lie in the k groups (of G
+    consecutive ids) with the largest group maxima (ties: lower group), so top_k runs over
+    the C/G group maxima and then over the k*G gathered elements instead of all C.
+    """
+    C = z.shape[-1]
+    lead = z.shape[:-1]
+    if G > 1:
+        zg = z.reshape(lead + (C // G, G))
+        gm = jnp.max(zg, axis=-1)
+        cmax = jnp.max(gm, axis=-1)
+        _, gi = lax.top_k(gm, k)
+        gi = lax.sort(gi, dimension=len(lead))  # back to id order
+        cand = jnp.take_along_axis(zg, gi[..., None], axis=-2).reshape(lead + (k * G,))
+        cid = (gi[..., None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(lead + (k * G,))
+    else:
+        cand, cid = lax.top_k(z, k)
+        cmax = cand[..., 0]
+    cv = jnp.concatenate([tv, cand], axis=-1)
+    ci = jnp.concatenate([ti, cid + id0], axis=-1)
+    v, pos = lax.top_k(cv, k)
+    return v, jnp.take_along_axis(ci, pos, axis=-1), cmax
+
+
+def _partial_block(blk, W, bias, offset, cfg):
+    """Stream one local vocab slice W [d, Vl] for one token block.
+
+    blk: dict with h [Tb, R, d] (compute dtype), optional teacher [Tb, d], inv_temp [Tb, R],
+    g [Tb, R] (final gold logit), gcol [Tb] (gold column local to this slice, any int),
+    gown [Tb] (bool: gold lies in this slice). offset: global id of local column 0.
+    Returns the partial accumulator dict (rows [Tb, R]).
+    """
+    h = blk["h"]
+    Tb, R, d = h.shape
+    Vl = W.shape[1]
+    C = min(cfg.chunk, Vl)
+    n_chunks = -(-Vl // C)
+    cdt = h.dtype
+    prec = cfg.precision
+    teacher = blk.get("teacher")
+    inv_temp = blk.get("inv_temp")
+    g = blk.get("g")
+    col_iota = jnp.arange(C, dtype=jnp.int32)
+
+    def head_chunk(x, wc, bc, madd, itemp):
+        z = _dot(x, wc, prec)
+        if cfg.softcap is None and itemp is None:
+            add = madd if bc is None else bc + madd
+            return z + add
+        if bc is not None:
+            z = z + bc
+        z = _softcap(z, cfg.softcap)
+        if itemp is not None:
+            z = z * itemp
+        return z + madd
+
+    def step(acc, i):
+        lo = i * C  # first column not yet seen
+        start = jnp.minimum(lo, Vl - C)
+        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
+        lcol = start + col_iota
+        valid = (lcol >= lo) & (lcol + offset < cfg.vocab)
+        madd = jnp.where(valid, 0.0, NEG).astype(_F32)
+        bc = None
+        if cfg.has_bias:
+            bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
+        itemp = None if inv_temp is None else inv_temp[..., None]
+        z = head_chunk(h, wc, bc, madd, itemp)  # [Tb, R, C]
+        new = {}
+        if cfg.top_k:
+            new["tv"], new["ti"], cmax = _topk_merge(
+                z, acc["tv"], acc["ti"], cfg.top_k, _group_size(C, cfg), start + offset
+            )
+        else:
+            cmax = jnp.max(z, axis=-1)
+        m, S = acc["m"], acc["S"]
+        m_new = jnp.maximum(m, cmax)
+        a = jnp.exp(m - m_new)
+        zc = z - m_new[..., None]
+        e = jnp.exp(zc)
+        new["m"] = m_new
+        new["S"] = a * S + jnp.sum(e, axis=-1)
+        new["Zc"] = a * (acc["Zc"] + (m - m_new) * S) + jnp.sum(e * zc, axis=-1)
+        if cfg.has_teacher:
+            zf = head_chunk(teacher, wc, bc, madd, None)  # [Tb, C]
+            mf, Sf = acc["mf"], acc["Sf"]
+            mf_new = jnp.maximum(mf, jnp.max(zf, axis=-1))
+            af = jnp.exp(mf - mf_new)
+            zfc = zf - mf_new[:, None]
+            ef = jnp.exp(zfc)
+            new["mf"] = mf_new
+            new["Sf"] = af * Sf + jnp.sum(ef, axis=-1)
+            new["Zfc"] = af * (acc["Zfc"] + (mf - mf_new) * Sf) + jnp.sum(ef * zfc, axis=-1)
+            new["Ac"] = a * (acc["Ac"] + (mf - mf_new)[:, None] * S) + jnp.sum(
+                e * zfc[:, None, :], axis=-1
+            )
+            new["Bc"] = af[:, None] * (acc["Bc"] + (m - m_new) * Sf[:, None]) + jnp.sum(
+                ef[:, None, :] * zc, axis=-1
+            )
+        if cfg.has_gold:
+            # fp32 count (exact below 2^24 per chunk): XLA:CPU reduces floats much faster
+            gt = jnp.sum(jnp.where(z > g[..., None], 1.0, 0.0), axis=-1).astype(jnp.int32)
+            # the gold's own column never counts (its GEMM value may differ by ULPs from g)
+            rel = blk["gcol"] - start  # [Tb]
+            inch = blk["gown"] & (rel >= lo - start) & (rel < C)
+            zg = jnp.take_along_axis(
+                z, jnp.broadcast_to(jnp.clip(rel, 0, C - 1)[:, None, None], (Tb, R, 1)), axis=-1
+            )[..., 0]
+            selfc = (inch[:, None] & (zg > g)).astype(jnp.int32)
+            new["cnt"] = acc["cnt"] + gt - selfc
+        return new, None
+
+    acc0 = _init_acc(Tb, R, cfg)
+    acc, _ = lax.scan(step, acc0, jnp.arange(n_chunks, dtype=jnp.int32), unroll=cfg.unroll)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# combine partials across vocab shards, and finalize
+
+
+def _combine(acc, axis, cfg):
+    """Combine per-vocab-shard partial accumulators (inside shard_map) over mesh axis ``axis``."""
+    out = {}
+    m, S = acc["m"], acc["S"]
+    mg = lax.pmax(m, axis)
+    a = jnp.exp(m - mg)
+    out["m"] = mg
+    out["S"] = lax.psum(a * S, axis)
+    out["Zc"] = lax.psum(a * (acc["Zc"] + (m - mg) * S), axis)
+    if cfg.has_teacher:
+        mf, Sf = acc["mf"], acc["Sf"]
+        mfg = lax.pmax(mf, axis)
+        af = jnp.exp(mf - mfg)
+        out["mf"] = mfg
+        out["Sf"] = lax.psum(af * Sf, axis)
+        out["Zfc"] = lax.psum(af * (acc["Zfc"] + (mf - mfg) * Sf), axis)
+        out["Ac"] = lax.psum(a * (acc["Ac"] + (mf - mfg)[:, None] * S), axis)
+        out["Bc"] = lax.psum(af[:, None] * (acc["Bc"] + (m - mg) * Sf[:, None]), axis)
+    if cfg.has_gold:
+        out["cnt"] = lax.psum(acc["cnt"], axis)
+    if cfg.top_k:
+        k = cfg.top_k
+        tv = lax.all_gather(acc["tv"], axis)  # [n, T, R, k], shard order == id order
+        ti = lax.all_gather(acc["ti"], axis)
+        n = tv.shape[0]
+        tv = jnp.moveaxis(tv, 0, -2).reshape(tv.shape[1:-1] + (n * k,))
+        ti = jnp.moveaxis(ti, 0, -2).reshape(ti.shape[1:-1] + (n * k,))
+        v, pos = lax.top_k(tv, k)
+        out["tv"] = v
+        out["ti"] = jnp.take_along_axis(ti, pos, axis=-1)
+    return out
+
+
+def _finalize(acc, g, gvalid, cfg):
+    logS = jnp.log(acc["S"])
+    lse = acc["m"] + logS
+    zbar = acc["Zc"] / acc["S"]  # E_p[z - m]
+    out = {"lse": lse, "entropy_bits": (logS - zbar) / _LN2}
+    if cfg.has_teacher:
+        logSf = jnp.log(acc["Sf"])
+        out["teacher_lse"] = acc["mf"] + logSf
+        out["teacher_entropy_bits"] = (logSf - acc["Zfc"] / acc["Sf"]) / _LN2
+        kl_pf = zbar - acc["Ac"] / acc["S"] - logS + logSf[:, None]
+        kl_fp = ((acc["Zfc"][:, None] - acc["Bc"]) / acc["Sf"][:, None]) - logSf[:, None] + logS
+        out["kl_to_final_bits"] = jnp.maximum(kl_pf, 0.0) / _LN2
+        out["kl_final_to_layer_bits"] = jnp.maximum(kl_fp, 0.0) / _LN2
+    if cfg.has_gold:
+        gv = gvalid[:, None]
+        out["gold_rank"] = jnp.where(gv, acc["cnt"] + 1, -1).astype(jnp.int32)
+        out["gold_prob"] = jnp.where(gv, jnp.exp(g - lse), jnp.nan)
+        out["gold_logit"] = jnp.where(gv, g, jnp.nan)
+    if cfg.top_k:
+        out["top_ids"] = acc["ti"]
+        out["top_probs"] = jnp.exp(acc["tv"] - lse[..., None])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# local driver: gold logits, token blocking, streaming, combine, finalize
+
+
+def _local_stats(args, cfg, vocab_axis):
+    """Runs on one device's data (inside shard_map, or alone). args: dict of local arrays."""
+    h = args["h"]
+    W = args["W"]
+    bias = args.get("bias")
+    T, R, _ = h.shape
+    Vl = W.shape[1]
+    offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * Vl
+    blk = {"h": h}
+    if cfg.has_teacher:
+        blk["teacher"] = args["teacher"]
+    if cfg.has_temp:
+        blk["inv_temp"] = args["inv_temp"]
+    g = gvalid = None
+    if cfg.has_gold:
+        gold = args["gold"]
+        gvalid = (gold >= 0) & (gold < cfg.vocab)
+        lc = gold - offset
+        own = gvalid & (lc >= 0) & (lc < Vl)
+        lcc = jnp.clip(lc, 0, Vl - 1)
+        graw = _gold_dot(h, jnp.take(W, lcc, axis=1).astype(h.dtype), cfg.precision)
+        graw = jnp.where(own[:, None], graw, 0.0)
+        if cfg.has_bias:
+            graw = graw + jnp.where(own, jnp.take(bias, lcc).astype(_F32), 0.0)[:, None]
+        if vocab_axis is not None:
+            graw = lax.psum(graw, vocab_axis)  # exactly one owner: x + 0 + ... == x
+        g = _softcap(graw, cfg.softcap)
+        if cfg.has_temp:
+            g = g * args["inv_temp"]
+        blk.update(g=g, gcol=lc, gown=own)
+
+    Tb = min(cfg.token_block, T)
+    if Tb >= T:
+        acc = _partial_block(blk, W, bias, offset, cfg)
+    else:
+        nb = -(-T // Tb)
+        pad = nb * Tb - T
+
+        def split(x):
+            if pad:
+                x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape((nb, Tb) + x.shape[1:])
+
+        blocks = jax.tree_util.tree_map(split, blk)
+        accs = lax.map(lambda b: _partial_block(b, W, bias, offset, cfg), blocks)
+        acc = jax.tree_util.tree_map(lambda x: x.reshape((nb * Tb,) + x.shape[2:])[:T], accs)
+    if vocab_axis is not None:
+        acc = _combine(acc, vocab_axis, cfg)
+    return _finalize(acc, g, gvalid, cfg)
+
+
+def _run(args, cfg, mesh, vocab_axis, row_axis):
+    if mesh is None:
+        return _local_stats(args, cfg, None)
+    T = args["h"].shape[0]
+    V = args["W"].shape[1]
+    nr = mesh.shape[row_axis] if row_axis is not None else 1
+    nv = mesh.shape[vocab_axis] if vocab_axis is not None else 1
+    args = dict(args)
+    padT = (-T) % nr
+    if padT:
+        for key in ("h", "teacher", "inv_temp", "gold"):
+            if key in args:
+                x = args[key]
+                fill = -1 if key == "gold" else (1.0 if key == "inv_temp" else 0)
+                args[key] = jnp.pad(x, [(0, padT)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    padV = (-V) % nv
+    if padV:
+        args["W"] = jnp.pad(args["W"], ((0, 0), (0, padV)))
+        if "bias" in args:
+            args["bias"] = jnp.pad(args["bias"], (0, padV))
+    if nr > 1 or nv > 1:
+        cfg = cfg._replace(token_block=min(cfg.token_block, (T + padT) // nr))
+    rspec = row_axis
+    specs = {
+        "h": P(rspec),
+        "W": P(None, vocab_axis),
+        "bias": P(vocab_axis),
+        "teacher": P(rspec),
+        "inv_temp": P(rspec),
+        "gold": P(rspec),
+    }
+    in_specs = ({k: specs[k] for k in args},)
+    out_keys = _out_keys(cfg)
+    out_specs = {k: P(rspec) for k in out_keys}
+    explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+    if explicit:
+        # Explicit axes: shard_map demands inputs already typed with the in_specs' shardings.
+        args = {k: jax.reshard(v, NamedSharding(mesh, specs[k])) for k, v in args.items()}
+    fn = jax.shard_map(
+        functools.partial(_local_stats, cfg=cfg, vocab_axis=vocab_axis),
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        check_vma=False,
+    )
+    out = fn(args)
+    if padT:
+        if explicit:  # slicing a sharded dim to a non-multiple is not allowed under Explicit axes
+            out = {k: jax.reshard(v, NamedSharding(mesh, P())) for k, v in out.items()}
+        out = {k: v[:T] for k, v in out.items()}
+    return out
+
+
+def _out_keys(cfg):
+    keys = ["lse", "entropy_bits"]
+    if cfg.has_teacher:
+        keys += ["teacher_lse", "teacher_entropy_bits", "kl_to_final_bits", "kl_final_to_layer_bits"]
+    if cfg.has_gold:
+        keys += ["gold_rank", "gold_prob", "gold_logit"]
+    if cfg.top_k:
+        keys += ["top_ids", "top_probs"]
+    return keys
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_axis", "row_axis"))
+def _stream_jit(args, cfg, mesh, vocab_axis, row_axis):
+    return _run(args, cfg, mesh, vocab_axis, row_axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def _prepare(h, W, bias, temperature, teacher_h, gold, top_k):
+    """Validate / normalise shapes. Returns (args dict, squeeze_R flag)."""
+    h = jnp.asarray(h)
+    W = jnp.asarray(W)
+    squeeze = h.ndim == 2
+    if squeeze:
+        h = h[:, None, :]
+    if h.ndim != 3:
+        raise ValueError(f"h must be [T, R, d] or [T, d]; got shape {h.shape}")
+    T, R, d = h.shape
+    if W.ndim != 2 or W.shape[0] != d:
+        raise ValueError(f"W must be [d, V] with d={d}; got shape {W.shape}")
+    V = W.shape[1]
+    if not 0 <= int(top_k) <= V:
+        raise ValueError(f"top_k={top_k} must lie in [0, V={V}]")
+    cdt = _compute_dtype(h, W)
+    args = {"h": h.astype(cdt), "W": W}
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (V,):
+            raise ValueError(f"bias must be [V]=({V},); got shape {bias.shape}")
+        args["bias"] = bias
+    if temperature is not None:
+        if squeeze and jnp.ndim(temperature) == 1 and jnp.shape(temperature)[0] == T and T != 1:
+            temperature = jnp.asarray(temperature)[:, None]
+        args["inv_temp"] = _norm_temperature(temperature, T, R)
+    if teacher_h is not None:
+        teacher_h = jnp.asarray(teacher_h)
+        if teacher_h.shape != (T, d):
+            raise ValueError(f"teacher_h must be [T, d]=({T}, {d}); got shape {teacher_h.shape}")
+        args["teacher"] = teacher_h.astype(cdt)
+    if gold is not None:
+        gold = jnp.asarray(gold)
+        if gold.shape != (T,):
+            raise ValueError(f"gold must be [T]=({T},) int ids; got shape {gold.shape}")
+        args["gold"] = gold.astype(jnp.int32)
+    return args, squeeze
+
+
+def _squeeze_out(out, squeeze):
+    if not squeeze:
+        return out
+    return {k: (v if k.startswith("teacher_") else v[:, 0]) for k, v in out.items()}
+
+
+def _auto_token_block(T, R, C, block_elems):
+    return max(1, min(T, int(block_elems) // max(1, R * C)))
+
+
+def stream_stats(
+    h,
+    W,
+    *,
+    bias=None,
+    softcap: Optional[float] = None,
+    temperature=None,
+    teacher_h=None,
+    gold=None,
+    top_k: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    token_block: Optional[int] = None,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    precision=None,
+    mesh: Optional[Mesh] = None,
+    vocab_axis: Optional[str] = None,
+    row_axis: Optional[str] = None,
+    unroll: int = 1,
+    topk_group: Optional[int] = None,
+) -> dict:
+    """Streaming softmax statistics of every lens row, in one pass over vocabulary chunks.
+
+    Args:
+      h: [T, R, d] lens rows, token-major (or [T, d] = one row per token; outputs then [T, ...]).
+        Compute dtype (fp32 / bf16 / fp16); the GEMM accumulates in fp32.
+      W: [d, V] unembedding (compute dtype or fp32; the operands are promoted to a common dtype).
+      bias: optional [V] output bias.
+      softcap: optional final-logit softcap c (z <- c*tanh(z/c)), applied after the bias.
+      temperature: optional scalar, [R] or [T, R]; lens logits are multiplied by 1/temperature
+        after softcap (the teacher is not).
+      teacher_h: optional [T, d] final-normed residual per token; enables the two KLs and the
+        teacher_* outputs.
+      gold: optional [T] int gold id per token (out-of-range ids give rank -1, NaN prob).
+      top_k: number of top tokens to return (0 = none).
+      chunk: vocabulary chunk size C (clamped to the local vocab size).
+      token_block: tokens per streamed block (default: the largest with T_b*R*C <= block_elems).
+      precision: lax precision for the GEMMs and the gold gather-dot (default: JAX's config).
+      mesh, vocab_axis, row_axis: optional multi-device execution (see module docstring).
+      unroll: lax.scan unroll factor over chunks.
+
+    Returns:
+      dict of fp32 arrays (int32 for ids / ranks) shaped [T, R] / [T, R, k]:
+      ``lse``, ``entropy_bits``; with teacher: ``kl_to_final_bits``, ``kl_final_to_layer_bits``,
+      ``teacher_lse`` [T], ``teacher_entropy_bits`` [T]; with gold: ``gold_rank``, ``gold_prob``,
+      ``gold_logit``; with top_k: ``top_ids``, ``top_probs``.
+    """
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k)
+    T, R, _ = args["h"].shape
+    V = args["W"].shape[1]
+    if (vocab_axis is not None or row_axis is not None) and mesh is None:
+        raise ValueError("vocab_axis / row_axis need a mesh")
+    if mesh is not None:
+        for ax in (vocab_axis, row_axis):
+            if ax is not None and ax not in mesh.shape:
+                raise ValueError(f"axis {ax!r} is not an axis of the mesh {dict(mesh.shape)}")
+        if vocab_axis is not None and vocab_axis == row_axis:
+            raise ValueError("vocab_axis and row_axis must differ")
+    nv = mesh.shape[vocab_axis] if (mesh is not None and vocab_axis is not None) else 1
+    nr = mesh.shape[row_axis] if (mesh is not None and row_axis is not None) else 1
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive; got {chunk}")
+    Vl = -(-V // nv)
+    C = min(chunk, Vl)
+    Tl = -(-T // nr)
+    if token_block is None:
+        token_block = _auto_token_block(Tl, R, C, block_elems)
+    cfg = _Cfg(
+        vocab=V,
+        chunk=C,
+        top_k=int(top_k),
+        softcap=None if softcap is None else float(softcap),
+        has_bias="bias" in args,
+        has_temp="inv_temp" in args,
+        has_teacher="teacher" in args,
+        has_gold="gold" in args,
+        token_block=max(1, int(token_block)),
+        precision=precision,
+        unroll=int(unroll),
+        topk_group=topk_group,
+    )
+    out = _stream_jit(args, cfg, mesh, vocab_axis, row_axis)
+    return _squeeze_out(out, squeeze)
+
+
+def dense_stats(
+    h,
+    W,
+    *,
+    bias=None,
+    softcap: Optional[float] = None,
+    temperature=None,
+    teacher_h=None,
+    gold=None,
+    top_k: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    token_block: Optional[int] = None,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    precision=None,
+    mesh=None,
+    vocab_axis=None,
+    row_axis=None,
+    unroll: int = 1,
+    topk_group=None,
+) -> dict:
+    """Dense oracle of :func:`stream_stats` (same signature and outputs) from full logits.
+
+    Materialises [T, R, V] fp32 logits; for tests and debugging only. The chunk / blocking /
+    mesh arguments are accepted and ignored.
+    """
+    del chunk, token_block, block_elems, mesh, vocab_axis, row_axis, unroll, topk_group
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k)
+    out = _dense_jit(args, int(top_k), None if softcap is None else float(softcap), precision)
+    return _squeeze_out(out, squeeze)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "softcap", "precision"))
+def _dense_jit(args, top_k, softcap, precision):
+    h, W = args["h"], args["W"]
+    T, R, d = h.shape
+    V = W.shape[1]
+    Wc = W.astype(h.dtype)
+
+    def head(x):
+        z = _dot(x, Wc, precision)
+        if "bias" in args:
+            z = z + args["bias"].astype(_F32)
+        return _softcap(z, softcap)
+
+    z = head(h)
+    if "inv_temp" in args:
+        z = z * args["inv_temp"][..., None]
+    lse = jax.nn.logsumexp(z, axis=-1)
+    logp = z - lse[..., None]
+    p = jnp.exp(logp)
+    out = {"lse": lse, "entropy_bits": -jnp.sum(p * logp, axis=-1) / _LN2}
+    if "teacher" in args:
+        zf = head(args["teacher"])
+        lsef = jax.nn.logsumexp(zf, axis=-1)
+        logpf = (zf - lsef[:, None])[:, None, :]
+        pf = jnp.exp(logpf)
+        out["teacher_lse"] = lsef
+        out["teacher_entropy_bits"] = -jnp.sum(pf * logpf, axis=-1)[:, 0] / _LN2
+        out["kl_to_final_bits"] = jnp.maximum(jnp.sum(p * (logp - logpf), -1), 0.0) / _LN2
+        out["kl_final_to_layer_bits"] = jnp.maximum(jnp.sum(pf * (logpf - logp), -1), 0.0) / _LN2
+    if "gold" in args:
+        gold = args["gold"]
+        gvalid = (gold >= 0) & (gold < V)
+        gc = jnp.clip(gold, 0, V - 1)
+        g = _gold_dot(h, jnp.take(Wc, gc, axis=1), precision)
+        if "bias" in args:
+            g = g + jnp.take(args["bias"], gc).astype(_F32)[:, None]
+        g = _softcap(g, softcap)
+        if "inv_temp" in args:
+            g = g * args["inv_temp"]
+        ids = jnp.arange(V)
+        greater = (z > g[..., None]) & (ids != gc[:, None, None])
+        gv = gvalid[:, None]
+        out["gold_rank"] = jnp.where(gv, 1 + jnp.sum(greater, -1), -1).astype(jnp.int32)
+        out["gold_prob"] = jnp.where(gv, jnp.exp(g - lse), jnp.nan)
+        out["gold_logit"] = jnp.where(gv, g, jnp.nan)
+    if top_k:
+        tv, ti = lax.top_k(z, top_k)
+        out["top_ids"] = ti.astype(jnp.int32)
+        out["top_probs"] = jnp.exp(tv - lse[..., None])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# pairwise statistics between two lenses at the same rows
+
+
+def pair_stats(
+    hA,
+    hB,
+    W,
+    bias=None,
+    softcap: Optional[float] = None,
+    lseA=None,
+    lseB=None,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    precision=None,
+    unroll: int = 1,
+) -> dict:
+    """KL(A||B), KL(B||A), JS divergence (bits) and L1 distance sum|pA - pB| per row.
+
+    hA, hB: [M, d] (any leading shape, identical for both) rows of two lenses at the same
+    positions (e.g. raw vs norm lens). lseA / lseB: their log-partitions (from
+    :func:`stream_stats`; computed with an extra pass when None). One streaming pass.
+    Returns dict of [M] fp32 arrays: ``kl_ab_bits``, ``kl_ba_bits``, ``js_bits``, ``l1``.
+    """
+    hA = jnp.asarray(hA)
+    hB = jnp.asarray(hB)
+    W = jnp.asarray(W)
+    if hA.shape != hB.shape:
+        raise ValueError(f"hA {hA.shape} and hB {hB.shape} must have the same shape")
+    lead = hA.shape[:-1]
+    d = hA.shape[-1]
+    hA2 = hA.reshape(-1, d)
+    hB2 = hB.reshape(-1, d)
+    kw = dict(bias=bias, softcap=softcap, chunk=chunk, precision=precision, unroll=unroll)
+    if lseA is None:
+        lseA = stream_stats(hA2, W, **kw)["lse"]
+    if lseB is None:
+        lseB = stream_stats(hB2, W, **kw)["lse"]
+    cdt = _compute_dtype(hA2, W)
+    out = _pair_jit(
+        hA2.astype(cdt),
+        hB2.astype(cdt),
+        W,
+        None if bias is None else jnp.asarray(bias),
+        jnp.asarray(lseA, _F32).reshape(-1),
+        jnp.asarray(lseB, _F32).reshape(-1),
+        softcap=None if softcap is None else float(softcap),
+        chunk=int(chunk),
+        precision=precision,
+        unroll=int(unroll),
+    )
+    return {k: v.reshape(lead) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("softcap", "chunk", "precision", "unroll"))
+def _pair_jit(hA, hB, W, bias, lseA, lseB, softcap, chunk, precision, unroll):
+    M, d = hA.shape
+    V = W.shape[1]
+    C = min(chunk, V)
+    n_chunks = -(-V // C)
+    cdt = hA.dtype
+    iota = jnp.arange(C, dtype=jnp.int32)
+
+    def step(acc, i):
+        lo = i * C
+        start = jnp.minimum(lo, V - C)
+        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
+        valid = (start + iota) >= lo
+        zA = _dot(hA, wc, precision)
+        zB = _dot(hB, wc, precision)
+        if bias is not None:
+            bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
+            zA = zA + bc
+            zB = zB + bc
+        lpA = _softcap(zA, softcap) - lseA[:, None]
+        lpB = _softcap(zB, softcap) - lseB[:, None]
+        pA = jnp.exp(lpA)
+        pB = jnp.exp(lpB)
+        x = lpB - lpA
+        sp = jax.nn.softplus(x)  # log(1 + pB/pA)
+        # pA log(pA / mid) = pA (ln2 - softplus(x)); pB log(pB / mid) = pB (ln2 - softplus(x) + x)
+        js = 0.5 * (pA * (_LN2 - sp) + pB * (_LN2 - sp + x))
+        zero = jnp.zeros_like(pA)
+        kab = jnp.where(valid, pA * (-x), zero)
+        kba = jnp.where(valid, pB * x, zero)
+        js = jnp.where(valid, js, zero)
+        l1 = jnp.where(valid, jnp.abs(pA - pB), zero)
+        new = (
+            acc[0] + kab.sum(-1),
+            acc[1] + kba.sum(-1),
+            acc[2] + js.sum(-1),
+            acc[3] + l1.sum(-1),
+        )
+        return new, None
+
+    z = jnp.zeros((M,), _F32)
+    (kab, kba, js, l1), _ = lax.scan(
+        step, (z, z, z, z), jnp.arange(n_chunks, dtype=jnp.int32), unroll=unroll
+    )
+    return {
+        "kl_ab_bits": jnp.maximum(kab, 0.0) / _LN2,
+        "kl_ba_bits": jnp.maximum(kba, 0.0) / _LN2,
+        "js_bits": jnp.maximum(js, 0.0) / _LN2,
+        "l1": l1,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# token-set helpers
+
+
+def _expand_ids(ids, lead_h):
+    """ids [*lead_ids, S] with lead_ids a prefix of lead_h -> broadcastable to [*lead_h, S]."""
+    extra = len(lead_h) - (ids.ndim - 1)
+    if extra < 0 or tuple(ids.shape[:-1]) != tuple(lead_h[: ids.ndim - 1]):
+        raise ValueError(
+            f"ids of shape {ids.shape} do not match the rows' leading shape {tuple(lead_h)} "
+            "(their leading dims must be a prefix of it)"
+        )
+    return ids.reshape(ids.shape[:-1] + (1,) * extra + ids.shape[-1:])
+
+
+def gather_logits(h, W, ids, bias=None, softcap=None, temperature=None, precision=None):
+    """Lens logits at given ids, without a vocab pass.
+
+    h: [..., d]; ids: int [*lead, S] where ``lead`` is a prefix of h's leading shape (e.g. h
+    [T, R, d] with ids [T, S] shared by the R rows, or ids [S] shared by all rows: pass
+    ids[None] ... or any prefix). Negative / out-of-range ids give -inf. Same head transform as
+    :func:`stream_stats` (bias, softcap, then 1/temperature; temperature broadcastable to
+    h.shape[:-1]). Returns fp32 [..., S].
+    """
+    h = jnp.asarray(h)
+    W = jnp.asarray(W)
+    ids = jnp.asarray(ids)
+    lead = h.shape[:-1]
+    V = W.shape[1]
+    if ids.ndim == 1:
+        ids = ids.reshape((1,) * len(lead) + ids.shape)
+        ids_e = ids
+    else:
+        ids_e = _expand_ids(ids, lead)
+    cdt = _compute_dtype(h, W)
+    valid = (ids_e >= 0) & (ids_e < V)
+    idc = jnp.clip(ids_e, 0, V - 1)
+    wg = jnp.moveaxis(jnp.take(W, idc, axis=1), 0, -1).astype(cdt)  # [*ids_lead, S, d]
+    z = jnp.einsum("...d,...sd->...s", h.astype(cdt), wg, precision=precision,
+                   preferred_element_type=_F32)
+    if bias is not None:
+        z = z + jnp.take(jnp.asarray(bias), idc).astype(_F32)
+    z = _softcap(z, softcap)
+    if temperature is not None:
+        z = z / jnp.asarray(temperature, _F32)[..., None]
+    return jnp.where(valid, z, -jnp.inf)
+
+
+def set_mass(h, W, set_ids, lse, bias=None, softcap=None, temperature=None, precision=None):
+    """Probability mass of a token set per row: sum_{s in set} exp(z_s - lse).
+
+    h [..., d]; set_ids int [*lead, S] padded with -1 (lead a prefix of h's leading shape);
+    lse [...] from :func:`stream_stats` with the same head settings. Duplicate ids count once.
+    Returns fp32 [...].
+    """
+    set_ids = jnp.asarray(set_ids)
+    z = gather_logits(h, W, _dedupe(set_ids), bias, softcap, temperature, precision)
+    return jnp.sum(jnp.exp(z - jnp.asarray(lse, _F32)[..., None]), axis=-1)
+
+
+def _dedupe(ids):
+    """Replace repeated ids (after their first occurrence) by -1. ids [..., S]."""
+    S = ids.shape[-1]
+    eq = ids[..., :, None] == ids[..., None, :]  # [..., S, S]
+    earlier = jnp.tril(jnp.ones((S, S), bool), k=-1)
+    dup = jnp.any(eq & earlier, axis=-1)
+    return jnp.where(dup, -1, ids)
+
+
+def set_mass_in_topk(top_ids, top_probs, set_ids):
+    """Mass of the top-k entries that belong to a set: sum_j top_probs[j] * [top_ids[j] in set].
+
+    top_ids / top_probs [..., k]; set_ids int [*lead, S] padded with -1, lead a prefix of the
+    leading shape. Returns fp32 [...].
+    """
+    top_ids = jnp.asarray(top_ids)
+    set_ids = jnp.asarray(set_ids)
+    se = _expand_ids(set_ids, top_ids.shape[:-1])
+    member = jnp.any(
+        (top_ids[..., :, None] == se[..., None, :]) & (se[..., None, :] >= 0), axis=-1
+    )
+    return jnp.sum(jnp.where(member, jnp.asarray(top_probs, _F32), 0.0), axis=-1)
+
+
+def topk_jaccard(idsA, idsB):
+    """Jaccard overlap |A ∩ B| / |A ∪ B| of two id sets per row ([..., k] each; ids < 0 ignored).
+
+    The ids within one row are assumed distinct (as top-k ids are). Returns fp32 [...]
+    (1.0 where both sets are empty).
+    """
+    a = jnp.asarray(idsA)
+    b = jnp.asarray(idsB)
+    va = a >= 0
+    vb = b >= 0
+    inter = jnp.sum(
+        jnp.any((a[..., :, None] == b[..., None, :]) & vb[..., None, :], axis=-1) & va, axis=-1
+    )
+    union = jnp.sum(va, -1) + jnp.sum(vb, -1) - inter
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(_F32)
+
+
+# ----------------------------------------------------------------------------------------------
+# logit-space cosine through the Gram matrix
+
+
+def gram(W, precision=lax.Precision.HIGHEST):
+    """G = W W^T [d, d] in fp32 (cache it: it is reused for every gram_cosine call)."""
+    W = jnp.asarray(W)
+    return lax.dot_general(
+        W, W, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=_F32
+    )
+
+
+def gram_cosine(hA, hB, W=None, *, G=None, precision=lax.Precision.HIGHEST):
+    """Cosine between bias-free logit vectors W^T hA and W^T hB, computed in d-space.
+
+    cos = hA G hB / sqrt(hA G hA * hB G hB) with G = W W^T; no vocabulary pass. hA, hB:
+    [..., d] (broadcastable). Pass ``G=gram(W)`` to reuse the Gram matrix. Returns fp32 [...].
+    """
+    if G is None:
+        if W is None:
+            raise ValueError("gram_cosine needs W or G")
+        G = gram(W, precision)
+    a = jnp.asarray(hA, _F32)
+    b = jnp.asarray(hB, _F32)
+    Gb = jnp.einsum("de,...e->...d", G, b, precision=precision)
+    Ga = jnp.einsum("de,...e->...d", G, a, precision=precision)
+    ab = jnp.sum(a * Gb, -1)
+    aa = jnp.sum(a * Ga, -1)
+    bb = jnp.sum(b * Gb, -1)
+    return ab / jnp.sqrt(jnp.maximum(aa * bb, jnp.finfo(jnp.float32).tiny))
