@@ -23,10 +23,13 @@ def _cmd_forward(args) -> int:
     fw.logits.block_until_ready()
     t2 = time.perf_counter()
     top = np.asarray(fw.logits[0, -1]).argsort()[::-1][:5]
-    try:
-        toks = [repr(model.tokenizer.decode([int(i)])) for i in top]
-    except Exception:  # noqa: BLE001
-        toks = [str(int(i)) for i in top]
+    toks = []
+    for i in top:
+        try:
+            s = model.tokenizer.decode([int(i)])
+        except Exception:  # noqa: BLE001 - no tokenizer: show ids
+            s = ""
+        toks.append(repr(s) if s else f"<id {int(i)}>")
     print(f"{model!r}")
     print(f"loaded in {t1 - t0:.2f} s; forward of {ids.shape[1]} tokens (incl. compile) in {t2 - t1:.2f} s")
     print(f"residuals {tuple(fw.residuals.shape)} {fw.residuals.dtype}, logits {tuple(fw.logits.shape)}")

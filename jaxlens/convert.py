@@ -187,6 +187,7 @@ def plan(spec: ArchSpec, hf_shapes: dict[str, tuple], expected: dict[str, tuple]
     assign: dict[str, list] = {k: [] for k in expected}
     problems: list[str] = []
     seen: dict[tuple, str] = {}
+    bad_shape: set[tuple] = set()
     for key, shape in hf_shapes.items():
         for rx, targets, is_layer, _ in rules:
             m = rx.match(key)
@@ -210,6 +211,7 @@ def plan(spec: ArchSpec, hf_shapes: dict[str, tuple], expected: dict[str, tuple]
                 if got != tuple(want):
                     problems.append(f"tensor {key} has shape {tuple(shape)}, expected one that maps to "
                                     f"{path} {tuple(want)}")
+                    bad_shape.add((path, layer))
                     continue
                 if (path, layer) in seen:
                     problems.append(f"tensors {seen[(path, layer)]} and {key} both map to {path}")
@@ -221,13 +223,14 @@ def plan(spec: ArchSpec, hf_shapes: dict[str, tuple], expected: dict[str, tuple]
                 problems.append(f"unexpected tensor {key}")
     for path, items in assign.items():
         layers = {lay for lay, _, _ in items}
+        layers |= {lay for p, lay in bad_shape if p == path}
         if path.startswith("blocks."):
             missing = [i for i in range(spec.n_layers) if i not in layers]
             if missing:
                 names = _hf_names_for(spec, path, missing[:3])
                 more = f" (and {len(missing) - 3} more layers)" if len(missing) > 3 else ""
                 problems.append(f"missing tensor {names}{more}")
-        elif not items and not any(p.startswith(path) for p in problems):
+        elif not items and (path, None) not in bad_shape:
             problems.append(f"missing tensor {_hf_names_for(spec, path, [None])}")
     if problems:
         head = problems[:12]
