@@ -143,6 +143,8 @@ class LensStats:
     top_ids: Any = None
     top_probs: Any = None
     cos_to_final: Any = None
+    gathered_logits: Any = None      # [R, B, P, S] lens logits at gather_ids (-inf where the id is -1)
+    rows: Any = None                 # [R, B, P, d] the vectors the lens decodes (return_rows=True)
 
     def numpy(self) -> "LensStats":
         return dataclasses.replace(self, **{f.name: (None if getattr(self, f.name) is None
@@ -189,7 +191,8 @@ def _gold_rows(gold_ids, pos, B):
 
 def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positions="all", layers=None,
                cosine: bool = True, dense: bool = False, chunk: int = stream.DEFAULT_CHUNK, mesh=None,
-               row_axis: str | None = None, vocab_axis: str | None = None, unembed_dtype=None) -> LensStats:
+               row_axis: str | None = None, vocab_axis: str | None = None, unembed_dtype=None,
+               gather_ids=None, return_rows: bool = False) -> LensStats:
     """Decode every selected (layer, batch, position) row through ``lens`` in one streaming pass.
 
     Args:
@@ -204,6 +207,9 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
       mesh, row_axis, vocab_axis: multi-device decode (rows sharded with the unembedding replicated, or
         the unembedding sharded over the vocabulary), see :func:`jaxlens.stream.stream_stats`.
       unembed_dtype: cast the unembedding (e.g. "float32" for an fp32 unembed over a bf16 model).
+      gather_ids: optional int [B, S] (-1 = padding): also return the lens logits at these ids
+        (answer / control / prompt tokens) as ``gathered_logits`` [R, B, P, S], no vocab pass needed.
+      return_rows: also return the decoded vectors (normalised / translated rows) [R, B, P, d].
     """
     spec = model.spec
     if not 0 <= int(top_k) <= 64:
@@ -234,6 +240,13 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         x = x.reshape((B, P, R) + x.shape[2:])
         return jnp.moveaxis(x, 2, 0)
 
+    gathered = None
+    if gather_ids is not None:
+        gid = np.asarray(gather_ids, np.int32)
+        if gid.ndim != 2 or gid.shape[0] != B:
+            raise JaxlensError(f"gather_ids must be [B={B}, S]; got shape {gid.shape}")
+        gid = np.repeat(gid, P, axis=0)                                          # [B*P, S]
+        gathered = back(stream.gather_logits(h, W, gid, bias, spec.final_softcap, temp))
     cos = None
     if cosine:
         logits = jnp.take_along_axis(fw.logits, jnp.asarray(pos)[:, :, None], axis=1)   # [B, P, V]
@@ -248,7 +261,7 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         gold_logit=back(out["gold_logit"]) if "gold_logit" in out else None,
         top_ids=back(out["top_ids"]) if "top_ids" in out else None,
         top_probs=back(out["top_probs"]) if "top_probs" in out else None,
-        cos_to_final=cos,
+        cos_to_final=cos, gathered_logits=gathered, rows=rows if return_rows else None,
     )
 
 

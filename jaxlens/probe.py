@@ -1,0 +1,485 @@
+"""The probe: the reference pipeline (spec/probe.md, logos-in-layers experiment 001) in one batched run.
+
+All lens passes of a suite (5 facts x 2 variants + the control for the reference suite) go through ONE
+jitted forward (right-padded), the final-head probes through a second, and each lens decode is a fused
+``lens_stats`` call over every (layer, pass, position) row. There are no per-layer or per-position loops
+over model or vocabulary work: the Python loops below only format rows.
+
+Stages (each a function, so the diagnostics of spec §2.12-2.28 can slot in after :func:`run_passes`):
+
+1. :func:`prepare`       tokenise every pass (BOS policy of the tokenizer) and align its gold answer
+2. :func:`run_passes`    forward + norm-lens stats (all positions, top-20) + pure next-token stats
+                         (last position, top-50, gathered answer / control / prompt-token logits)
+3. :func:`pass_metrics`  spec §2 metrics and per-pass summaries (jaxlens.metrics)
+4. :func:`assemble`      records / pure rows, the JSON document
+5. :func:`write_outputs` atomic writes (all files or none)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import gold as gold_mod
+from . import metrics as M
+from .errors import JaxlensError
+from .lens import lens_stats
+from .suite import Suite, load_suite
+
+NEXT_TOKEN = "⟨NEXT⟩"
+SEED = 316
+
+# Reference bugs this pipeline fixes (spec Appendix A); recorded in the JSON provenance and the README.
+FIXED_REFERENCE_BUGS = {
+    "Q1": "answer_logit_gap reaches the semantic-gate summaries (reference: always null); "
+          "--reference-quirks restores the reference",
+    "N1": "copy_thresholds.stability looks up the 0.7 threshold under the key it was stored with "
+          "(reference: '0.70' lookup, so the result could only be 'none' or 'mixed')",
+    "Q4": "Gemma-2's final logit softcap is applied in every lens, so the last-layer KL is 0 "
+          "(reference: ~1 bit on Gemma-2)",
+}
+
+
+@dataclasses.dataclass
+class PassInput:
+    """One lens pass (a prompt) after tokenisation and gold alignment."""
+
+    spec: Any                      # suite.PromptPass
+    input_ids: list
+    ctx_ids: list
+    gold: gold_mod.GoldAlignment
+    token_strs: list
+    verbose: list                  # positions given top-20 in the records CSV
+
+
+@dataclasses.dataclass
+class PassResult:
+    inp: PassInput
+    pure: dict                     # pure next-token columns (metrics.pure_next_token_metrics)
+    summary: dict                  # metrics.summarize_pass
+    records: list                  # records CSV rows (dicts)
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    model_name: str
+    json: dict
+    records: list
+    pure_rows: list
+    passes: list
+    timings: dict
+    paths: list = dataclasses.field(default_factory=list)
+
+    def milestones_table(self) -> str:
+        return milestones_table(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. tokenisation and gold alignment
+
+
+def prepare(model, suite: Suite) -> list:
+    tok = model.tokenizer
+    important = suite.records.important_words
+    out = []
+    for p in suite.passes():
+        ids = gold_mod.model_input_ids(tok, p.text)
+        if not ids:
+            raise JaxlensError(f"prompt {p.text!r} tokenises to nothing")
+        strs = gold_mod.position_strings(tok, ids)
+        out.append(PassInput(spec=p, input_ids=list(ids), ctx_ids=gold_mod.ctx_ids(tok, p.text),
+                             gold=gold_mod.align_gold(tok, p.text, p.answer, pieces_k=suite.thresholds.gold.pieces_k),
+                             token_strs=strs, verbose=M.verbose_positions(strs, important)))
+    return out
+
+
+def _pad(seqs: list, pad_id: int = 0):
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _ragged(rows: list, fill=-1) -> np.ndarray:
+    S = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), S), fill, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. the batched forward and the fused lens decodes
+
+
+def run_passes(model, suite: Suite, inputs: list, decode) -> dict:
+    """One forward of every pass; norm-lens stats at all positions and at the last position."""
+    ids, mask = _pad([p.input_ids for p in inputs])
+    t0 = time.perf_counter()
+    fw = model.forward(ids, mask)
+    jax.block_until_ready(fw.logits)
+    t1 = time.perf_counter()
+    golds = np.array([p.gold.first_id if p.gold.first_id is not None else -1 for p in inputs], np.int32)
+    k_all = max(suite.records.top_k_verbose, suite.records.top_k_default)
+    allpos = lens_stats(model, fw, "norm", gold_ids=golds, top_k=k_all, positions="all", cosine=False).numpy()
+    # pure next-token rows: answer, the control's two answers, and the prompt vocabulary, gathered
+    primary_gold = inputs[0].gold.first_id
+    prompt_vocab = [M.prompt_vocab(p.ctx_ids, decode) for p in inputs]
+    gather = []
+    for p, pv in zip(inputs, prompt_vocab):
+        ctl = [p.gold.first_id if p.gold.first_id is not None else -1,
+               primary_gold if primary_gold is not None else -1]
+        gather.append(ctl + list(pv))
+    K = max(suite.thresholds.surface.topk_prompt_k, suite.records.pure_top_k)
+    last = lens_stats(model, fw, "norm", gold_ids=golds, top_k=min(64, K), positions="last",
+                      gather_ids=_ragged(gather), return_rows=True).numpy()
+    t2 = time.perf_counter()
+    return dict(fw=fw, ids=ids, mask=mask, allpos=allpos, last=last, prompt_vocab=prompt_vocab,
+                timings={"forward_s": t1 - t0, "lens_s": t2 - t1})
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. metrics per pass
+
+
+def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
+                 quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> list:
+    spec = model.spec
+    n = spec.n_layers
+    V = spec.vocab_size
+    th = suite.thresholds
+    W = np.asarray(model.unembedding()[0], np.float32)
+    last = dec["last"]
+    allpos = dec["allpos"]
+    logits = np.asarray(dec["fw"].logits)
+    results = []
+    for b, p in enumerate(inputs):
+        T = len(p.input_ids)
+        t = T - 1
+        g = p.gold
+        gid = g.first_id
+        gl = last.gathered_logits[:, b, 0]                         # [R, S]: answer, primary answer, prompt vocab
+        lse = last.lse[:, b, 0]
+        top_ids = last.top_ids[:, b, 0]
+        top_probs = last.top_probs[:, b, 0]
+        with np.errstate(divide="ignore"):
+            top_scores = np.log(top_probs.astype(np.float64)) + lse[:, None]
+        pv = dec["prompt_vocab"][b]
+        prompt_probs = np.exp(gl[:, 2:2 + len(pv)].astype(np.float64) - lse[:, None])
+        rows = last.rows[:, b, 0].astype(np.float32)                 # h_geom [R, d]
+        cos_answer, cos_prompt = M.geom_cosines(rows, W, gid, pv)
+        control = None
+        if p.spec.is_control:
+            control = (np.exp(gl[:, 0] - lse), np.exp(gl[:, 1] - lse))
+        teacher_H = M.teacher_entropy_bits(logits[b, t])
+        cols = M.pure_next_token_metrics(
+            entropy_bits=last.entropy_bits[:, b, 0], kl_to_final_bits=last.kl_to_final_bits[:, b, 0],
+            top_ids=top_ids, top_probs=top_probs, teacher_entropy_bits=teacher_H, vocab_size=V,
+            ctx_ids=p.ctx_ids, decode=decode, gold_id=gid, gold_string=g.string if g.ok else None,
+            gold_rank=last.gold_rank[:, b, 0] if gid is not None else None,
+            gold_prob=last.gold_prob[:, b, 0] if gid is not None else None,
+            answer_score=gl[:, 0] if gid is not None else None, top_scores=top_scores,
+            cos_to_final=last.cos_to_final[:, b, 0], cos_to_answer=cos_answer, cos_to_prompt=cos_prompt,
+            prompt_probs=prompt_probs, prompt_vocab_ids=pv, control_probs=control,
+            layers=list(range(n + 1)), lens="norm", thresholds=th, pure_top_k=suite.records.pure_top_k, pos=t)
+        summary = M.summarize_pass(cols, n_layers=n, lens="norm", p_uniform=1.0 / V, thresholds=th,
+                                   quirks=quirks)
+        records = _records_rows(p, allpos, b, decode, suite)
+        results.append(PassResult(inp=p, pure=cols, summary=summary, records=records))
+    return results
+
+
+def _records_rows(p: PassInput, allpos, b: int, decode, suite: Suite) -> list:
+    T = len(p.input_ids)
+    kv, kd = suite.records.top_k_verbose, suite.records.top_k_default
+    ent = allpos.entropy_bits[:, b, :T]
+    tid = allpos.top_ids[:, b, :T]
+    tpr = allpos.top_probs[:, b, :T]
+    base = _pass_keys(p.spec)
+    rows = []
+    for layer in range(ent.shape[0]):
+        for t in range(T):
+            k = kv if p.verbose[t] else kd
+            row = dict(base, layer=layer, pos=t, token=p.token_strs[t], entropy=float(ent[layer, t]),
+                       entropy_bits=float(ent[layer, t]))
+            for i in range(k):
+                row[f"top{i + 1}"] = decode(int(tid[layer, t, i]))
+                row[f"prob{i + 1}"] = float(tpr[layer, t, i])
+            row["rest_mass"] = float(M.rest_mass(tpr[layer, t, :k]))
+            rows.append(row)
+    return rows
+
+
+def _pass_keys(ps) -> dict:
+    return {"fact_key": ps.fact_key, "fact_index": ps.fact_index, "prompt_id": ps.prompt_id,
+            "prompt_variant": ps.variant}
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. rows and the JSON document
+
+
+_PURE_SKIP = {"layer", "top1_id", "top1", "top_ids", "top_probs", "entropy", "entropy_bits", "rest_mass",
+              "control_top2_logit_gap"}
+
+
+def pure_rows(res: PassResult, decode, k: int) -> list:
+    cols = res.pure
+    n_rows = len(cols["layer"])
+    T = len(res.inp.input_ids)
+    out = []
+    for i in range(n_rows):
+        row = dict(_pass_keys(res.inp.spec), layer=cols["layer"][i], pos=T - 1, token=NEXT_TOKEN,
+                   entropy=cols["entropy"][i], entropy_bits=cols["entropy_bits"][i])
+        for j in range(k):
+            row[f"top{j + 1}"] = decode(int(cols["top_ids"][i][j]))
+            row[f"prob{j + 1}"] = float(cols["top_probs"][i][j])
+        row["rest_mass"] = cols["rest_mass"][i]
+        for name, vals in cols.items():
+            if name not in _PURE_SKIP:
+                row[name] = vals[i]
+        out.append(row)
+    return out
+
+
+def _norm_type(spec) -> str:
+    return "LayerNorm" if spec.norm == "layer" else "RMSNorm"
+
+
+def _env(model) -> dict:
+    dev = jax.devices()[0]
+    return {"jaxlens_version": _version(), "jax_version": jax.__version__, "jaxlib_version": _jaxlib_version(),
+            "device": dev.platform, "device_kind": getattr(dev, "device_kind", dev.platform),
+            "device_count": jax.device_count(), "dtype_compute": str(jnp.dtype(model.dtype)),
+            "deterministic_algorithms": True, "seed": SEED, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def _jaxlib_version():
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits: dict,
+             quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> tuple:
+    spec = model.spec
+    n = spec.n_layers
+    th = suite.thresholds
+    prim = results[0]
+    ps = prim.inp.spec
+    records = [r for res in results for r in res.records]
+    k_pure = suite.records.pure_top_k
+    pure = [r for res in results for r in pure_rows(res, decode, k_pure)]
+    # positions of each pass's first pure row among all pure rows (micro-suite citations)
+    offsets, acc = {}, 0
+    for res in results:
+        offsets[(res.inp.spec.prompt_id, res.inp.spec.variant, res.inp.spec.fact_index)] = acc
+        acc += len(res.pure["layer"])
+    by_key = {(r.inp.spec.prompt_id, r.inp.spec.variant, r.inp.spec.fact_index): r for r in results}
+    orig_v = suite.primary_variant
+    abl_v = suite.ablation_variant
+    W, b = model.unembedding()
+    logits = np.asarray(dec["fw"].logits)
+    T0 = len(prim.inp.input_ids)
+    fin = M.final_head_probe(logits[0, T0 - 1], decode, top_k=suite.final_head.final_prediction_top_k)
+    facts = []
+    for f in suite.facts:
+        r = by_key[("pos", orig_v, f.index)]
+        facts.append({"fact_key": f.key, "fact_index": f.index, "summary": r.summary,
+                      "row_offset": offsets[("pos", orig_v, f.index)]})
+    micro = M.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
+    ctl = next(r for r in results if r.inp.spec.is_control)
+    control_sum = M.control_summary(ctl.pure, control_answer_id=ctl.inp.gold.first_id,
+                                    delta_top2_logit=th.control.delta_top2_logit)
+    ablation = None
+    if abl_v is not None:
+        ablation = M.ablation_summary(prim.summary, by_key[("pos", abl_v, 0)].summary)
+    order = suite.gold_alignment_order()
+    by_pass = {(r.inp.spec.prompt_id, r.inp.spec.variant, r.inp.spec.fact_index): r.inp for r in results}
+    gold_prompts = []
+    for p in order:
+        inp = by_pass[(p.prompt_id, p.variant, p.fact_index)]
+        gold_prompts.append(inp.gold.prompt_entry(p.prompt_id, p.variant, p.fact_key, p.fact_index))
+    diag = {
+        "type": "diagnostics", "model": model.source, "device": jax.devices()[0].platform,
+        "use_norm_lens": True, "use_fp32_unembed": False, "unembed_dtype": str(jnp.dtype(W.dtype)),
+        "first_block_ln1_type": _norm_type(spec) if spec.pre_attn_norm else None,
+        "final_ln_type": _norm_type(spec),
+        "layernorm_bias_fix": "not_needed_rms_model" if spec.norm == "rms" else "layernorm_bias_kept",
+        "norm_alignment_fix": "using_next_block_ln1_for_post_block",
+        "layer0_norm_fix": "using_real_ln1_on_embeddings" if spec.pre_attn_norm else "no_ln1_raw_embeddings",
+        "mixed_precision_fix": "fp32_statistics_streaming_decode",
+        "layer0_position_info": "additive_pos_embed_included" if spec.positional == "learned"
+        else "token_only_rotary_model",
+        "context_prompt": ps.text,
+        "target_prediction": f"first unseen token (likely '{ps.answer}')",
+        "surface_diagnostics_config": {
+            "delta": th.surface.surface_delta, "gamma": th.surface.geom_gamma, "K": th.surface.topk_prompt_k,
+            "tau": th.surface.topk_prompt_tau, "semantic_margin": {"delta_abs": th.semantic.margin_delta_abs},
+            "semantic_gate": {"delta_top2_logit": th.semantic.top2_delta_logit}},
+        "answer_margin_unit": "logit",
+        "unembed_bias": M.unembed_bias_audit(None if b is None else np.asarray(b)),
+        "copy_soft_config": {"threshold": th.copy.soft_threshold, "window_ks": list(th.copy.soft_window_ks),
+                             "extra_thresholds": list(th.copy.soft_extra_thresholds)},
+        "copy_mask": M.copy_ignore_mask(decode, spec.vocab_size),
+    }
+    diag.update(prim.summary)
+    diag["gold_alignment"] = prim.inp.gold.alignment()
+    diag["gold_alignment_rate"] = gold_mod.gold_alignment_rate(gold_prompts)
+    diag["gold_alignment_prompts"] = gold_prompts
+    tuned = {"status": "disabled", "mode": "off", "path": None}
+    summary = {"semantic_margin": prim.summary.get("semantic_margin"),
+               "semantic_gate": prim.summary.get("semantic_gate"),
+               "micro_suite": micro.get("aggregates")}
+    doc = {
+        "prompt": {"type": "prompt", "context_prompt": ps.text, "ground_truth": ps.answer,
+                   "fact_key": ps.fact_key, "fact_index": ps.fact_index},
+        "test_prompts": test_logits["test_prompts"],
+        "temperature_exploration": test_logits["temperature_exploration"],
+        "diagnostics": diag,
+        "final_prediction": fin,
+        "model_stats": {"type": "model_stats", "num_layers": n, "d_model": spec.d_model, "n_heads": spec.n_heads,
+                        "d_vocab": spec.vocab_size, "n_ctx": spec.max_positions, "architecture": "pre_norm"},
+        "prompts": {"facts_micro_suite": [f.key for f in suite.facts]},
+        "provenance": {"env": _env(model), "tool": "jaxlens",
+                       "reference": "logos-in-layers 001_layers_baseline @ 87ab64d (spec/probe.md)",
+                       "fixed_reference_bugs": _fixed_bugs(quirks),
+                       "suite": suite.name, "suite_source": str(suite.source)},
+        "copy_flag_columns": M.copy_flag_columns(th.copy),
+        "ablation_summary": ablation,
+        "control_prompt": {"context_prompt": ctl.inp.spec.text, "gold_answer": ctl.inp.gold.gold_answer(),
+                           "gold_alignment": ctl.inp.gold.alignment()},
+        "control_summary": control_sum,
+        "tuned_lens": tuned,
+        "summary": summary,
+        "micro_suite": {"facts": micro.get("facts"), "aggregates": micro.get("aggregates")},
+        "gold_answer": prim.inp.gold.gold_answer(),
+    }
+    return doc, records, pure
+
+
+def _fixed_bugs(quirks: M.ReferenceQuirks) -> dict:
+    out = dict(FIXED_REFERENCE_BUGS)
+    if quirks.q1_gap_not_in_summaries:
+        out.pop("Q1")
+    if quirks.copy_stability_key_bug:
+        out.pop("N1")
+    return out
+
+
+def final_head_probes(model, suite: Suite, decode) -> dict:
+    """Test prompts (top-10) and the temperature exploration (top-15) from the model's real head."""
+    fh = suite.final_head
+    tok = model.tokenizer
+    seqs = [gold_mod.model_input_ids(tok, p) for p in fh.test_prompts]
+    te = fh.temperature_exploration
+    te_pass = suite.temperature_exploration_pass
+    seqs.append(gold_mod.model_input_ids(tok, te_pass.text))
+    ids, mask = _pad(seqs)
+    fw = model.forward(ids, mask)
+    lengths = mask.sum(1)
+    last = np.asarray(jnp.take_along_axis(fw.logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0])
+    tests = [M.final_head_probe(last[i], decode, top_k=fh.test_prompts_top_k, kind="test_prompt", prompt=p)
+             for i, p in enumerate(fh.test_prompts)]
+    temps = [M.final_head_probe(last[-1], decode, top_k=te.top_k, kind="temperature_exploration", temperature=t)
+             for t in te.temperatures]
+    return {"test_prompts": tests, "temperature_exploration": temps}
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. outputs
+
+
+def output_names(name: str) -> dict:
+    return {"json": f"output-{name}.json", "records": f"output-{name}-records.csv",
+            "pure": f"output-{name}-pure-next-token.csv"}
+
+
+def write_outputs(result: ProbeResult, out_dir: str) -> list:
+    from .writers import OutputSet
+
+    names = output_names(result.model_name)
+    with OutputSet(out_dir) as out:
+        out.csv(names["records"], "records", result.records)
+        out.csv(names["pure"], "pure-next-token", result.pure_rows,
+                copy_flag_columns=result.json.get("copy_flag_columns"))
+        out.json(names["json"], result.json)
+    return list(out.paths)
+
+
+def milestones_table(result: ProbeResult) -> str:
+    cols = ["L_copy", "L_semantic", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
+            "first_kl_below_0.5", "first_kl_below_1.0"]
+    head = ["pass"] + cols
+    lines = []
+    for res in result.passes:
+        p = res.inp.spec
+        label = f"{p.fact_key or p.answer + ' (control)'} / {p.variant}"
+        lines.append([label] + ["-" if res.summary.get(c) is None else str(res.summary.get(c)) for c in cols])
+    widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = "runs/latest",
+              quirks: M.ReferenceQuirks | None = None, progress=None) -> ProbeResult:
+    """Run the probe on a loaded model (or a source string); write the outputs unless out_dir is None."""
+    from .loader import load_model
+
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    if isinstance(model, str):
+        say(f"loading {model}")
+        model = load_model(model)
+    if isinstance(suite, str):
+        suite = load_suite(suite)
+    quirks = quirks or M.ReferenceQuirks()
+    np.random.seed(SEED)
+    decode = gold_mod.token_decoder(model.tokenizer)
+    say(f"{model!r}")
+    inputs = prepare(model, suite)
+    bad = [p for p in inputs if not p.gold.ok]
+    for p in bad:
+        say(f"warning: gold answer {p.spec.answer!r} of {p.spec.prompt_id}/{p.spec.variant} could not be "
+            f"aligned ({p.gold.status}); answer metrics are blank for that pass")
+    say(f"{len(inputs)} lens passes in one batched forward ({max(len(p.input_ids) for p in inputs)} tokens max)")
+    dec = run_passes(model, suite, inputs, decode)
+    say(f"forward {dec['timings']['forward_s']:.2f} s, fused lens decode {dec['timings']['lens_s']:.2f} s")
+    results = pass_metrics(model, suite, inputs, dec, decode, quirks)
+    t_fh = time.perf_counter()
+    heads = final_head_probes(model, suite, decode)
+    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks)
+    timings = dict(dec["timings"], final_head_s=time.perf_counter() - t_fh,
+                   total_s=time.perf_counter() - t_start)
+    result = ProbeResult(model_name=model.name, json=doc, records=records, pure_rows=pure, passes=results,
+                         timings=timings)
+    if out_dir is not None:
+        result.paths = write_outputs(result, out_dir)
+        say(f"wrote {len(result.paths)} files to {out_dir}")
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    r = run_probe(sys.argv[1] if len(sys.argv) > 1 else "demo", progress=print)
+    print(r.milestones_table())
+    print(os.path.abspath("runs/latest"))
