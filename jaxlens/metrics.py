@@ -109,10 +109,22 @@ class ReferenceQuirks:
     q1_gap_not_in_summaries: bool = False
     #: N1: ``copy_thresholds.stability`` is "none" when no strict layer exists, else always "mixed".
     copy_stability_key_bug: bool = False
+    #: Q3: the position window scores the gold id only at the last position (jaxlens.diagnostics).
+    q3_position_window_last_only: bool = False
+    #: Q5: the raw-lens sample summary (and the window radius it sets) comes from the primary pass's
+    #: samples only, and the primary pass's window always uses the base radius (jaxlens.diagnostics).
+    q5_raw_sample_summary_once: bool = False
+    #: Q13: the forward-of-two Jaccard compares top-5 token strings instead of the requested top-10.
+    q13_forward_jaccard_top5: bool = False
+    #: N2: the raw/consecutive top-50 Jaccards written into the pure rows of every pos pass are those of
+    #: the last pos pass with the same variant (the control keeps its own).
+    n2_jaccard_writeback_by_variant: bool = False
 
     @classmethod
     def reference(cls) -> "ReferenceQuirks":
-        return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True)
+        return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True, q3_position_window_last_only=True,
+                   q5_raw_sample_summary_once=True, q13_forward_jaccard_top5=True,
+                   n2_jaccard_writeback_by_variant=True)
 
 
 # ==============================================================================================

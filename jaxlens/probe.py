@@ -11,6 +11,9 @@ Stages (each a function, so the diagnostics of spec §2.12-2.28 can slot in afte
 2. :func:`run_passes`    forward + norm-lens stats (all positions, top-20) + pure next-token stats
                          (last position, top-50, gathered answer / control / prompt-token logits)
 3. :func:`pass_metrics`  spec §2 metrics and per-pass summaries (jaxlens.metrics)
+   diagnostics           spec §2.12-2.20, 2.23, 2.26, 2.28 (jaxlens.diagnostics): a fused decode stage before
+                         pass_metrics (raw-vs-norm pair stats, norm temperatures, re-decode) and a summary
+                         stage after it; no extra forward pass (except the optional forward-of-two gate)
 4. :func:`assemble`      records / pure rows, the JSON document
 5. :func:`write_outputs` atomic writes (all files or none)
 """
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import diagnostics as D
 from . import gold as gold_mod
 from . import metrics as M
 from .errors import JaxlensError
@@ -44,6 +48,16 @@ FIXED_REFERENCE_BUGS = {
           "(reference: '0.70' lookup, so the result could only be 'none' or 'mixed')",
     "Q4": "Gemma-2's final logit softcap is applied in every lens, so the last-layer KL is 0 "
           "(reference: ~1 bit on Gemma-2)",
+    # diagnostics (jaxlens.diagnostics); see docs/reference_bugs.md
+    "Q3": "the position window scores the gold answer at every grid position (reference: only at the last, "
+          "so rank1_frac < 0.5 always); --reference-quirks restores the reference",
+    "Q5": "the raw-lens sample summary uses the samples of every sampled pass and sets the window radius of "
+          "every pass, the primary's included (reference: primary samples only, primary radius always 4); "
+          "--reference-quirks restores the reference",
+    "Q13": "the forward-of-two gate compares top-10 token strings as requested (reference: top-5); "
+           "--reference-quirks restores the reference",
+    "N2": "each pure row carries its own pass's raw/consecutive top-50 Jaccards (reference: every pos row of a "
+          "variant shows the last fact's values); --reference-quirks restores the reference",
 }
 
 
@@ -76,6 +90,7 @@ class ProbeResult:
     passes: list
     timings: dict
     paths: list = dataclasses.field(default_factory=list)
+    sidecars: dict = dataclasses.field(default_factory=dict)    # csv kind -> rows (raw lens, milestones, audit)
 
     def milestones_table(self) -> str:
         return milestones_table(self)
@@ -140,12 +155,13 @@ def run_passes(model, suite: Suite, inputs: list, decode) -> dict:
         ctl = [p.gold.first_id if p.gold.first_id is not None else -1,
                primary_gold if primary_gold is not None else -1]
         gather.append(ctl + list(pv))
-    K = max(suite.thresholds.surface.topk_prompt_k, suite.records.pure_top_k)
-    last = lens_stats(model, fw, "norm", gold_ids=golds, top_k=min(64, K), positions="last",
-                      gather_ids=_ragged(gather), return_rows=True).numpy()
+    K = max(suite.thresholds.surface.topk_prompt_k, suite.records.pure_top_k, suite.thresholds.raw_lens.topk_jaccard_k)
+    # the norm and the raw lens together, in one streaming pass (the raw one feeds the diagnostics)
+    last_kwargs = dict(gold_ids=golds, top_k=min(64, K), gather_ids=_ragged(gather), return_rows=True)
+    last, raw_last = D.last_position_stats(model, fw, **last_kwargs)
     t2 = time.perf_counter()
-    return dict(fw=fw, ids=ids, mask=mask, allpos=allpos, last=last, prompt_vocab=prompt_vocab,
-                timings={"forward_s": t1 - t0, "lens_s": t2 - t1})
+    return dict(fw=fw, ids=ids, mask=mask, allpos=allpos, last=last, raw_last=raw_last, last_kwargs=last_kwargs,
+                prompt_vocab=prompt_vocab, timings={"forward_s": t1 - t0, "lens_s": t2 - t1})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +169,10 @@ def run_passes(model, suite: Suite, inputs: list, decode) -> dict:
 
 
 def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
-                 quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> list:
+                 quirks: M.ReferenceQuirks = M.ReferenceQuirks(), diag_cols: list | None = None) -> list:
+    """``diag_cols``: per pass, the pure columns of the diagnostics decode stage
+    (:attr:`jaxlens.diagnostics.DecodeDiagnostics.pure_columns`: kl_to_final_bits_norm_temp, the raw /
+    consecutive top-50 Jaccards, resid_norm_ratio, delta_resid_cos); blank without it."""
     spec = model.spec
     n = spec.n_layers
     V = spec.vocab_size
@@ -182,6 +201,7 @@ def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
         if p.spec.is_control:
             control = (np.exp(gl[:, 0] - lse), np.exp(gl[:, 1] - lse))
         teacher_H = M.teacher_entropy_bits(logits[b, t])
+        extra = dict(diag_cols[b]) if diag_cols is not None else {}
         cols = M.pure_next_token_metrics(
             entropy_bits=last.entropy_bits[:, b, 0], kl_to_final_bits=last.kl_to_final_bits[:, b, 0],
             top_ids=top_ids, top_probs=top_probs, teacher_entropy_bits=teacher_H, vocab_size=V,
@@ -191,7 +211,9 @@ def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
             answer_score=gl[:, 0] if gid is not None else None, top_scores=top_scores,
             cos_to_final=last.cos_to_final[:, b, 0], cos_to_answer=cos_answer, cos_to_prompt=cos_prompt,
             prompt_probs=prompt_probs, prompt_vocab_ids=pv, control_probs=control,
+            kl_to_final_bits_norm_temp=extra.pop("kl_to_final_bits_norm_temp", None),
             layers=list(range(n + 1)), lens="norm", thresholds=th, pure_top_k=suite.records.pure_top_k, pos=t)
+        cols.update(extra)
         summary = M.summarize_pass(cols, n_layers=n, lens="norm", p_uniform=1.0 / V, thresholds=th,
                                    quirks=quirks)
         records = _records_rows(p, allpos, b, decode, suite)
@@ -281,7 +303,10 @@ def _jaxlib_version():
 
 
 def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits: dict,
-             quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> tuple:
+             quirks: M.ReferenceQuirks = M.ReferenceQuirks(), dg: "D.DiagnosticsResult | None" = None) -> tuple:
+    """Records, pure rows and the JSON document; ``dg`` (the diagnostics stage's result) adds the
+    diagnostics blocks at their reference positions (left out without it)."""
+    sec = (lambda name: dg.json(name)) if dg is not None else (lambda name: {})
     spec = model.spec
     n = spec.n_layers
     th = suite.thresholds
@@ -306,7 +331,9 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
     for f in suite.facts:
         r = by_key[("pos", orig_v, f.index)]
         facts.append({"fact_key": f.key, "fact_index": f.index, "summary": r.summary,
-                      "row_offset": offsets[("pos", orig_v, f.index)]})
+                      "row_offset": offsets[("pos", orig_v, f.index)],
+                      # confirmed semantics exist for the primary fact only (reference, Q11)
+                      "L_semantic_confirmed": dg.L_semantic_confirmed if (dg is not None and f.index == 0) else None})
     micro = M.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
     ctl = next(r for r in results if r.inp.spec.is_control)
     control_sum = M.control_summary(ctl.pure, control_answer_id=ctl.inp.gold.first_id,
@@ -339,18 +366,29 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
             "semantic_gate": {"delta_top2_logit": th.semantic.top2_delta_logit}},
         "answer_margin_unit": "logit",
         "unembed_bias": M.unembed_bias_audit(None if b is None else np.asarray(b)),
+        **sec("head"),                                   # flags, prism_summary
         "copy_soft_config": {"threshold": th.copy.soft_threshold, "window_ks": list(th.copy.soft_window_ks),
                              "extra_thresholds": list(th.copy.soft_extra_thresholds)},
+        **sec("calibration"),                            # tau_norm_per_layer (+ how it was fitted)
         "copy_mask": M.copy_ignore_mask(decode, spec.vocab_size),
     }
     diag.update(prim.summary)
+    diag.update(sec("per_pass"))                         # gate stability ... lens consistency
     diag["gold_alignment"] = prim.inp.gold.alignment()
+    diag.update(sec("run"))                              # forward-of-two, last-layer consistency, norm-temp KLs
     diag["gold_alignment_rate"] = gold_mod.gold_alignment_rate(gold_prompts)
     diag["gold_alignment_prompts"] = gold_prompts
     tuned = {"status": "disabled", "mode": "off", "path": None}
+    if dg is not None:
+        diag["tuned_lens"] = tuned
+        diag.update(sec("post"))                         # confirmed semantics, artefact-score config
+        diag["micro_suite"] = micro
+        diag.update(sec("tail"))                         # position window, norm trajectory
     summary = {"semantic_margin": prim.summary.get("semantic_margin"),
                "semantic_gate": prim.summary.get("semantic_gate"),
                "micro_suite": micro.get("aggregates")}
+    if dg is not None:
+        summary["position_window"] = sec("tail").get("position_window")
     doc = {
         "prompt": {"type": "prompt", "context_prompt": ps.text, "ground_truth": ps.answer,
                    "fact_key": ps.fact_key, "fact_index": ps.fact_index},
@@ -360,6 +398,7 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
         "final_prediction": fin,
         "model_stats": {"type": "model_stats", "num_layers": n, "d_model": spec.d_model, "n_heads": spec.n_heads,
                         "d_vocab": spec.vocab_size, "n_ctx": spec.max_positions, "architecture": "pre_norm"},
+        **({"raw_lens_check": dg.top_level["raw_lens_check"]} if dg is not None else {}),
         "prompts": {"facts_micro_suite": [f.key for f in suite.facts]},
         "provenance": {"env": _env(model), "tool": "jaxlens",
                        "reference": "logos-in-layers 001_layers_baseline @ 87ab64d (spec/probe.md)",
@@ -375,6 +414,14 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
         "micro_suite": {"facts": micro.get("facts"), "aggregates": micro.get("aggregates")},
         "gold_answer": prim.inp.gold.gold_answer(),
     }
+    if dg is not None:
+        names = output_names(model.name)
+        files = {"pure_csv": names["pure"], "tuned_pure_csv": None, "rawlens_full_csv": names["rawlens"],
+                 "tuned_variants_csv": None, "positions_audit_csv": None}
+        ga = doc.pop("gold_answer")
+        doc["measurement_guidance"] = dg.top_level["measurement_guidance"]
+        doc["evaluation_pack"] = dg.evaluation_pack(micro, files)
+        doc["gold_answer"] = ga
     return doc, records, pure
 
 
@@ -384,6 +431,10 @@ def _fixed_bugs(quirks: M.ReferenceQuirks) -> dict:
         out.pop("Q1")
     if quirks.copy_stability_key_bug:
         out.pop("N1")
+    for flag, key in (("q3_position_window_last_only", "Q3"), ("q5_raw_sample_summary_once", "Q5"),
+                      ("q13_forward_jaccard_top5", "Q13"), ("n2_jaccard_writeback_by_variant", "N2")):
+        if getattr(quirks, flag, False):
+            out.pop(key)
     return out
 
 
@@ -410,9 +461,17 @@ def final_head_probes(model, suite: Suite, decode) -> dict:
 # 5. outputs
 
 
+# diagnostics sidecar CSVs: output_names key -> CSV kind (= file suffix); written when they have rows (the
+# raw full sweep always has; the milestones / artefact audit whenever the evaluation pack was built)
+SIDECARS = {"rawlens": "pure-next-token-rawlens", "rawlens_window": "pure-next-token-rawlens-window",
+            "milestones": "milestones", "artifact_audit": "artifact-audit"}
+
+
 def output_names(name: str) -> dict:
-    return {"json": f"output-{name}.json", "records": f"output-{name}-records.csv",
-            "pure": f"output-{name}-pure-next-token.csv"}
+    out = {"json": f"output-{name}.json", "records": f"output-{name}-records.csv",
+           "pure": f"output-{name}-pure-next-token.csv"}
+    out.update({k: f"output-{name}-{kind}.csv" for k, kind in SIDECARS.items()})
+    return out
 
 
 def write_outputs(result: ProbeResult, out_dir: str) -> list:
@@ -423,6 +482,10 @@ def write_outputs(result: ProbeResult, out_dir: str) -> list:
         out.csv(names["records"], "records", result.records)
         out.csv(names["pure"], "pure-next-token", result.pure_rows,
                 copy_flag_columns=result.json.get("copy_flag_columns"))
+        for key, kind in SIDECARS.items():
+            rows = result.sidecars.get(kind)
+            if rows:
+                out.csv(names[key], kind, rows)
         out.json(names["json"], result.json)
     return list(out.paths)
 
@@ -442,8 +505,14 @@ def milestones_table(result: ProbeResult) -> str:
 
 
 def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = "runs/latest",
-              quirks: M.ReferenceQuirks | None = None, progress=None) -> ProbeResult:
-    """Run the probe on a loaded model (or a source string); write the outputs unless out_dir is None."""
+              quirks: M.ReferenceQuirks | None = None, progress=None, raw_lens_mode: str | None = None,
+              repeat_forward: str | None = None, tuned: "D.TunedInputs | None" = None) -> ProbeResult:
+    """Run the probe on a loaded model (or a source string); write the outputs unless out_dir is None.
+
+    ``raw_lens_mode`` ("sample" / "full" / "off", env LOGOS_RAW_LENS) and ``repeat_forward`` ("auto" /
+    "always" / "off", env LOGOS_REPEAT_FORWARD) are the reference's diagnostics knobs; ``tuned`` is an
+    optional :class:`jaxlens.diagnostics.TunedInputs` (tuned-lens status "disabled" without it).
+    """
     from .loader import load_model
 
     say = progress or (lambda msg: None)
@@ -465,14 +534,28 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
     say(f"{len(inputs)} lens passes in one batched forward ({max(len(p.input_ids) for p in inputs)} tokens max)")
     dec = run_passes(model, suite, inputs, decode)
     say(f"forward {dec['timings']['forward_s']:.2f} s, fused lens decode {dec['timings']['lens_s']:.2f} s")
-    results = pass_metrics(model, suite, inputs, dec, decode, quirks)
+    options = D.DiagnosticsOptions.from_env(raw_lens_mode, repeat_forward)
+    t_dd = time.perf_counter()
+    dd = D.decode_diagnostics(model, suite, inputs, dec, quirks)
+    t_pm = time.perf_counter()
+    say(f"diagnostics decode (raw-vs-norm, norm temperatures, re-decode) {t_pm - t_dd:.2f} s")
+    results = pass_metrics(model, suite, inputs, dec, decode, quirks, diag_cols=dd.pure_columns)
+    t_rd = time.perf_counter()
+
+    def rerun():  # the forward-of-two gate: the identical batched forward and decode again, primary pass
+        dec2 = dict(dec, fw=model.forward(dec["ids"], dec["mask"]))
+        dec2["last"], dec2["raw_last"] = D.last_position_stats(model, dec2["fw"], **dec["last_kwargs"])
+        return pass_metrics(model, suite, inputs[:1], dec2, decode, quirks)[0], dec2["last"]
+
+    dg = D.run_diagnostics(model, suite, inputs, results, dec, dd, decode, quirks, options=options, tuned=tuned,
+                           rerun=rerun)
     t_fh = time.perf_counter()
     heads = final_head_probes(model, suite, decode)
-    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks)
-    timings = dict(dec["timings"], final_head_s=time.perf_counter() - t_fh,
-                   total_s=time.perf_counter() - t_start)
+    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks, dg)
+    timings = dict(dec["timings"], metrics_s=t_rd - t_pm, diagnostics_s=(t_pm - t_dd) + (t_fh - t_rd),
+                   final_head_s=time.perf_counter() - t_fh, total_s=time.perf_counter() - t_start)
     result = ProbeResult(model_name=model.name, json=doc, records=records, pure_rows=pure, passes=results,
-                         timings=timings)
+                         timings=timings, sidecars=dg.sidecars)
     if out_dir is not None:
         result.paths = write_outputs(result, out_dir)
         say(f"wrote {len(result.paths)} files to {out_dir}")

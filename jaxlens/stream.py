@@ -7,7 +7,7 @@ streaming pass over vocabulary chunks, never materialising a [T, R, V] array.
 
 Definitions (all statistics in float32 whatever the input dtype; GEMMs accumulate in fp32):
 
-* lens logits      z   = head(h) * (1 / temperature)  where head(x) = softcap(x @ W + bias)
+* lens logits      z   = head(h) / temperature        where head(x) = softcap(x @ W + bias)
 * teacher logits   z_f = head(teacher_h)              (no temperature)
 * softcap(x)       = c * tanh(x / c)                  (applied elementwise per chunk, before stats)
 * ``lse`` = logsumexp(z) (nats), ``entropy_bits`` = H(P)/ln 2,
@@ -75,11 +75,24 @@ NEG = -1e30
 _LN2 = math.log(2.0)
 _F32 = jnp.float32
 
-# Default working-set budget: rows x chunk elements of one [rows, C] fp32 block. The token axis
-# is split into blocks (lax.map) when T*R*C exceeds it. Tuned on a 2-core AVX-512 CPU (the
-# block then stays near the L3 cache); accelerators can pass a bigger ``block_elems``.
-DEFAULT_CHUNK = 4096
-DEFAULT_BLOCK_ELEMS = 1 << 24
+# Default chunk size and working-set budget (elements of one [rows, C] fp32 block; the token
+# axis is streamed in blocks of block_elems // (R*C) tokens). On CPU small, cache-resident
+# blocks win (measured on a 2-core AVX-512 EPYC: C=2048 with 2^19-element blocks, i.e. ~2 MiB
+# per block buffer); on accelerators big blocks keep the GEMM efficient.
+DEFAULT_CHUNK = None  # None = the platform default below (kept as a name for callers)
+DEFAULT_BLOCK_ELEMS = None
+CPU_CHUNK, CPU_BLOCK_ELEMS = 2048, 1 << 19
+ACCEL_CHUNK, ACCEL_BLOCK_ELEMS = 8192, 1 << 26
+
+
+def _default_sizes(mesh):
+    try:
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    except Exception:  # pragma: no cover - exotic meshes
+        platform = "cpu"
+    if platform == "cpu":
+        return CPU_CHUNK, CPU_BLOCK_ELEMS
+    return ACCEL_CHUNK, ACCEL_BLOCK_ELEMS
 
 
 class _Cfg(NamedTuple):
@@ -90,11 +103,12 @@ class _Cfg(NamedTuple):
     has_bias: bool
     has_temp: bool
     has_teacher: bool
+    teacher_row: Optional[int]  # teacher logits = lens row teacher_row (no teacher GEMM)
     has_gold: bool
     token_block: int  # tokens per block (<= local T)
     precision: Any
     unroll: int
-    topk_group: Optional[int]  # None = auto
+    topk_group: Any  # None = auto; int or tuple of group sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +147,7 @@ def _gold_dot(h, W_cols, precision):
 
 
 def _norm_temperature(temperature, T, R):
-    """temperature: None, scalar, [R] or [T, R] -> inverse temperature [T, R] fp32 (or None)."""
+    """temperature: None, scalar, [R] or [T, R] -> temperature [T, R] fp32 (or None)."""
     if temperature is None:
         return None
     t = jnp.asarray(temperature, _F32)
@@ -145,7 +159,7 @@ def _norm_temperature(temperature, T, R):
         t = jnp.broadcast_to(t[None, :], (T, R))
     elif t.shape != (T, R):
         raise ValueError(f"temperature of shape {t.shape} is neither [R] nor [T, R]=({T}, {R})")
-    return 1.0 / t
+    return t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,14 +172,8 @@ def _init_acc(Tb, R, cfg):
         "S": jnp.zeros((Tb, R), _F32),
         "Zc": jnp.zeros((Tb, R), _F32),
     }
-    if cfg.has_teacher:
-        acc.update(
-            mf=jnp.full((Tb,), NEG, _F32),
-            Sf=jnp.zeros((Tb,), _F32),
-            Zfc=jnp.zeros((Tb,), _F32),
-            Ac=jnp.zeros((Tb, R), _F32),
-            Bc=jnp.zeros((Tb, R), _F32),
-        )
+    if cfg.has_teacher:  # the teacher's own m, S, Zc are those of its row cfg.teacher_row
+        acc.update(Ac=jnp.zeros((Tb, R), _F32), Bc=jnp.zeros((Tb, R), _F32))
     if cfg.has_gold:
         acc["cnt"] = jnp.zeros((Tb, R), jnp.int32)
     if cfg.top_k:
@@ -174,102 +182,147 @@ def _init_acc(Tb, R, cfg):
     return acc
 
 
-def _group_size(C, cfg):
-    """Group size G for the two-stage chunk top-k (1 = plain lax.top_k over the chunk)."""
-    k = cfg.top_k
-    if cfg.topk_group is not None:
-        G = int(cfg.topk_group)
-        return G if G > 1 and C % G == 0 and C // G >= k else 1
-    best, best_cost = 1, C
-    for G in (2, 4, 8, 16, 32, 64):
-        if C % G == 0 and C // G >= k:
-            cost = C // G + k * G
-            if cost < best_cost:
-                best, best_cost = G, cost
+_TOPK_CALL_COST = 512  # per-row overhead of one more top_k level (gather + sort), element-equivalents
+
+
+def _topk_groups(C, k, groups):
+    """Group sizes (G_1, ..., G_L) of the hierarchical chunk top-k (() = one plain top_k).
+
+    ``groups``: None = automatic (cost model: elements fed to lax.top_k per row, plus a
+    per-call overhead), or an explicit tuple / int (1 or () = plain).
+    """
+    if groups is not None:
+        gs = (groups,) if isinstance(groups, int) else tuple(groups)
+        gs = tuple(int(g) for g in gs if int(g) > 1)
+        n = C
+        for g in gs:
+            if n % g or n // g < k:
+                return ()
+            n //= g
+        return gs
+
+    def cost(gs):
+        n = C
+        for g in gs:
+            n //= g
+        return n + k * (1 + sum(gs)) + _TOPK_CALL_COST * len(gs)
+
+    best, best_cost = (), C + k
+    cands = (2, 4, 8, 16, 32, 64)
+
+    def search(gs, n):
+        nonlocal best, best_cost
+        c = cost(gs)
+        if c < best_cost:
+            best, best_cost = gs, c
+        if len(gs) == 3:
+            return
+        for g in cands:
+            if n % g == 0 and n // g >= k:
+                search(gs + (g,), n // g)
+
+    search((), C)
     return best
 
 
-def _topk_merge(z, tv, ti, k, G, id0):
+def _topk_candidates(x, k, gs):
+    """Candidate superset of the top-k of x [..., n] (ties: lower index), in ascending index order.
+
+    With groups gs = (G, *rest): the top-k elements lie in the k groups of G consecutive
+    entries with the largest maxima (ties: lower group), which are found recursively among
+    the n/G group maxima; the k*G entries of those groups are returned. () returns x itself.
+    Returns (values [..., m], indices int32 [..., m]).
+    """
+    lead = x.shape[:-1]
+    n = x.shape[-1]
+    if not gs:
+        return x, jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
+    G = gs[0]
+    xg = x.reshape(lead + (n // G, G))
+    gm = jnp.max(xg, axis=-1)
+    gv, gid = _topk_candidates(gm, k, gs[1:])
+    if gv.shape[-1] > k:
+        _, pos = lax.top_k(gv, k)
+        gid = lax.sort(jnp.take_along_axis(gid, pos, axis=-1), dimension=len(lead))
+    cand = jnp.take_along_axis(xg, gid[..., None], axis=-2).reshape(lead + (k * G,))
+    cid = (gid[..., None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(lead + (k * G,))
+    return cand, cid
+
+
+_PRESELECT = True
+_TEACHER_DOTS = True
+
+
+def _topk_merge(z, tv, ti, k, gs, id0):
     """Merge chunk logits z [..., C] (ids id0 + arange(C)) into the running top-k buffer.
 
     tv / ti [..., k]: buffer values / ids, holding only ids below id0 (earlier chunks).
-    Returns (new values, new ids, chunk max). Ties go to the lower id: lax.top_k picks the
-    earlier position among equal values (XLA's TopK breaks ties by index), the buffer comes
-    first and candidates are laid out in id order.
-
-    G > 1: two-stage selection. The top-k elements of the chunk lie in the k groups (of G
-    consecutive ids) with the largest group maxima (ties: lower group), so top_k runs over
-    the C/G group maxima and then over the k*G gathered elements instead of all C.
+    Returns (new values, new ids, chunk max or None). Ties go to the lower id: XLA's TopK breaks ties by position
+    (runtime_topk.cc: "Stabilize sorting"), the buffer comes first and the chunk candidates
+    are laid out in ascending id order.
     """
-    C = z.shape[-1]
-    lead = z.shape[:-1]
-    if G > 1:
-        zg = z.reshape(lead + (C // G, G))
-        gm = jnp.max(zg, axis=-1)
+    cmax = None
+    if gs:  # the level-1 group maxima give the chunk max for free
+        gm = jnp.max(z.reshape(z.shape[:-1] + (z.shape[-1] // gs[0], gs[0])), axis=-1)
         cmax = jnp.max(gm, axis=-1)
-        _, gi = lax.top_k(gm, k)
-        gi = lax.sort(gi, dimension=len(lead))  # back to id order
-        cand = jnp.take_along_axis(zg, gi[..., None], axis=-2).reshape(lead + (k * G,))
-        cid = (gi[..., None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(lead + (k * G,))
-    else:
-        cand, cid = lax.top_k(z, k)
-        cmax = cand[..., 0]
+    if gs or not _PRESELECT:
+        cand, cid = _topk_candidates(z, k, gs)
+    else:  # plain: the chunk's own top-k (ascending ids among ties), then a small merge
+        cand, cid = lax.top_k(z, min(k, z.shape[-1]))
     cv = jnp.concatenate([tv, cand], axis=-1)
     ci = jnp.concatenate([ti, cid + id0], axis=-1)
     v, pos = lax.top_k(cv, k)
     return v, jnp.take_along_axis(ci, pos, axis=-1), cmax
 
 
-def _partial_block(blk, W, bias, offset, cfg):
-    """Stream one local vocab slice W [d, Vl] for one token block.
+def _stream_local(blk, W, bias, offset, cfg):
+    """Partial accumulators of all local rows over one local vocab slice W [d, Vl].
 
-    blk: dict with h [Tb, R, d] (compute dtype), optional teacher [Tb, d], inv_temp [Tb, R],
-    g [Tb, R] (final gold logit), gcol [Tb] (gold column local to this slice, any int),
-    gown [Tb] (bool: gold lies in this slice). offset: global id of local column 0.
-    Returns the partial accumulator dict (rows [Tb, R]).
+    blk: dict with h [T, R, d] (compute dtype), optional temp [T, R], g [T, R] (final gold
+    logit), gcol [T] (gold column local to this slice, any int), gown [T] (bool: the gold
+    lies in this slice). offset: global id of local column 0. Returns the accumulator dict.
+
+    Loops: vocab chunks outside (each W chunk is sliced once), token blocks of Tb tokens
+    inside (the [Tb*R, C] block stays cache-sized). Token block j covers [s_j, s_j + Tb) with
+    s_j = min(j*Tb, T - Tb): the last block overlaps the previous one instead of padding; every
+    block reads the chunk-start accumulators, so the overlap rows are recomputed to identical
+    values and nothing of size T is padded or copied.
     """
     h = blk["h"]
-    Tb, R, d = h.shape
+    T, R, d = h.shape
     Vl = W.shape[1]
     C = min(cfg.chunk, Vl)
     n_chunks = -(-Vl // C)
     cdt = h.dtype
     prec = cfg.precision
-    teacher = blk.get("teacher")
-    inv_temp = blk.get("inv_temp")
-    g = blk.get("g")
     col_iota = jnp.arange(C, dtype=jnp.int32)
+    topk_gs = _topk_groups(C, cfg.top_k, cfg.topk_group) if cfg.top_k else ()
+    Tb = min(cfg.token_block, T)
+    nb = -(-T // Tb)
+    Tb = -(-T // nb)  # balance the blocks
 
-    def head_chunk(x, wc, bc, madd, itemp):
-        z = _dot(x, wc, prec)
-        if cfg.softcap is None and itemp is None:
-            add = madd if bc is None else bc + madd
-            return z + add
-        if bc is not None:
-            z = z + bc
-        z = _softcap(z, cfg.softcap)
-        if itemp is not None:
-            z = z * itemp
-        return z + madd
-
-    def step(acc, i):
-        lo = i * C  # first column not yet seen
-        start = jnp.minimum(lo, Vl - C)
-        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
-        lcol = start + col_iota
-        valid = (lcol >= lo) & (lcol + offset < cfg.vocab)
-        madd = jnp.where(valid, 0.0, NEG).astype(_F32)
-        bc = None
-        if cfg.has_bias:
-            bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
-        itemp = None if inv_temp is None else inv_temp[..., None]
-        z = head_chunk(h, wc, bc, madd, itemp)  # [Tb, R, C]
+    def update(acc, b, wc, bc, madd, start, lo):
+        """One [Tb, R, C] block: fold chunk logits into the accumulators of these rows."""
+        hb = b["h"]
+        tb = hb.shape[0]
+        z = _dot(hb, wc, prec)  # [tb, R, C] fp32
+        tmp = b.get("temp")
+        if cfg.softcap is None and tmp is None:
+            z = z + (madd if bc is None else bc + madd)
+        else:
+            if bc is not None:
+                z = z + bc
+            z = _softcap(z, cfg.softcap)
+            if tmp is not None:
+                z = z / tmp[..., None]
+            z = z + madd
         new = {}
+        cmax = None
         if cfg.top_k:
             new["tv"], new["ti"], cmax = _topk_merge(
-                z, acc["tv"], acc["ti"], cfg.top_k, _group_size(C, cfg), start + offset
+                z, acc["tv"], acc["ti"], cfg.top_k, topk_gs, start + offset
             )
-        else:
+        if cmax is None:
             cmax = jnp.max(z, axis=-1)
         m, S = acc["m"], acc["S"]
         m_new = jnp.maximum(m, cmax)
@@ -280,36 +333,65 @@ def _partial_block(blk, W, bias, offset, cfg):
         new["S"] = a * S + jnp.sum(e, axis=-1)
         new["Zc"] = a * (acc["Zc"] + (m - m_new) * S) + jnp.sum(e * zc, axis=-1)
         if cfg.has_teacher:
-            zf = head_chunk(teacher, wc, bc, madd, None)  # [Tb, C]
-            mf, Sf = acc["mf"], acc["Sf"]
-            mf_new = jnp.maximum(mf, jnp.max(zf, axis=-1))
-            af = jnp.exp(mf - mf_new)
-            zfc = zf - mf_new[:, None]
-            ef = jnp.exp(zfc)
-            new["mf"] = mf_new
-            new["Sf"] = af * Sf + jnp.sum(ef, axis=-1)
-            new["Zfc"] = af * (acc["Zfc"] + (mf - mf_new) * Sf) + jnp.sum(ef * zfc, axis=-1)
-            new["Ac"] = a * (acc["Ac"] + (mf - mf_new)[:, None] * S) + jnp.sum(
-                e * zfc[:, None, :], axis=-1
-            )
-            new["Bc"] = af[:, None] * (acc["Bc"] + (m - m_new) * Sf[:, None]) + jnp.sum(
-                ef[:, None, :] * zc, axis=-1
-            )
+            r = cfg.teacher_row  # the teacher is one of the rows (folded in if needed)
+            zfc = zc[:, r, :]  # z_f - m_f (m_f is the teacher row's running max)
+            ef = e[:, r, :]
+            dm_f = (m - m_new)[:, r]  # old m_f - new m_f
+            a_f = a[:, r]
+            S_f = S[:, r]
+            if _TEACHER_DOTS:
+                # sum_v e * zfc and sum_v ef * zc as per-token batched mat-vecs (GEMM kernels)
+                dn = (((2,), (1,)), ((0,), (0,)))
+                hi = lax.Precision.HIGHEST
+                sa = lax.dot_general(e, zfc, dn, precision=hi, preferred_element_type=_F32)
+                sb = lax.dot_general(zc, ef, dn, precision=hi, preferred_element_type=_F32)
+            else:
+                sa = jnp.sum(e * zfc[:, None, :], axis=-1)
+                sb = jnp.sum(ef[:, None, :] * zc, axis=-1)
+            new["Ac"] = a * (acc["Ac"] + dm_f[:, None] * S) + sa
+            new["Bc"] = a_f[:, None] * (acc["Bc"] + (m - m_new) * S_f[:, None]) + sb
         if cfg.has_gold:
+            g = b["g"]
             # fp32 count (exact below 2^24 per chunk): XLA:CPU reduces floats much faster
             gt = jnp.sum(jnp.where(z > g[..., None], 1.0, 0.0), axis=-1).astype(jnp.int32)
             # the gold's own column never counts (its GEMM value may differ by ULPs from g)
-            rel = blk["gcol"] - start  # [Tb]
-            inch = blk["gown"] & (rel >= lo - start) & (rel < C)
+            rel = b["gcol"] - start  # [tb]
+            inch = b["gown"] & (rel >= lo - start) & (rel < C)
             zg = jnp.take_along_axis(
-                z, jnp.broadcast_to(jnp.clip(rel, 0, C - 1)[:, None, None], (Tb, R, 1)), axis=-1
+                z, jnp.broadcast_to(jnp.clip(rel, 0, C - 1)[:, None, None], (tb, R, 1)), axis=-1
             )[..., 0]
             selfc = (inch[:, None] & (zg > g)).astype(jnp.int32)
             new["cnt"] = acc["cnt"] + gt - selfc
-        return new, None
+        return new
 
-    acc0 = _init_acc(Tb, R, cfg)
-    acc, _ = lax.scan(step, acc0, jnp.arange(n_chunks, dtype=jnp.int32), unroll=cfg.unroll)
+    def chunk_step(acc, i):
+        lo = i * C  # first column not yet seen
+        start = jnp.minimum(lo, Vl - C)  # the last chunk is clamped inside W (no padding)
+        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
+        lcol = start + col_iota
+        valid = (lcol >= lo) & (lcol + offset < cfg.vocab)
+        madd = jnp.where(valid, 0.0, NEG).astype(_F32)
+        bc = None
+        if cfg.has_bias:
+            bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
+        if nb == 1:
+            return update(acc, blk, wc, bc, madd, start, lo), None
+
+        def body(j, new_acc):
+            s = jnp.minimum(j * Tb, T - Tb)
+            sl = lambda x: lax.dynamic_slice_in_dim(x, s, Tb, 0)  # noqa: E731
+            part = update(
+                jax.tree_util.tree_map(sl, acc), jax.tree_util.tree_map(sl, blk),
+                wc, bc, madd, start, lo,
+            )
+            return jax.tree_util.tree_map(
+                lambda o, p: lax.dynamic_update_slice_in_dim(o, p, s, 0), new_acc, part
+            )
+
+        return lax.fori_loop(0, nb, body, acc), None
+
+    acc0 = _init_acc(T, R, cfg)
+    acc, _ = lax.scan(chunk_step, acc0, jnp.arange(n_chunks, dtype=jnp.int32), unroll=cfg.unroll)
     return acc
 
 
@@ -327,14 +409,10 @@ def _combine(acc, axis, cfg):
     out["S"] = lax.psum(a * S, axis)
     out["Zc"] = lax.psum(a * (acc["Zc"] + (m - mg) * S), axis)
     if cfg.has_teacher:
-        mf, Sf = acc["mf"], acc["Sf"]
-        mfg = lax.pmax(mf, axis)
-        af = jnp.exp(mf - mfg)
-        out["mf"] = mfg
-        out["Sf"] = lax.psum(af * Sf, axis)
-        out["Zfc"] = lax.psum(af * (acc["Zfc"] + (mf - mfg) * Sf), axis)
-        out["Ac"] = lax.psum(a * (acc["Ac"] + (mf - mfg)[:, None] * S), axis)
-        out["Bc"] = lax.psum(af[:, None] * (acc["Bc"] + (m - mg) * Sf[:, None]), axis)
+        r = cfg.teacher_row
+        dm_f = (m - mg)[:, r]
+        out["Ac"] = lax.psum(a * (acc["Ac"] + dm_f[:, None] * S), axis)
+        out["Bc"] = lax.psum(a[:, r, None] * (acc["Bc"] + (m - mg) * S[:, r, None]), axis)
     if cfg.has_gold:
         out["cnt"] = lax.psum(acc["cnt"], axis)
     if cfg.top_k:
@@ -356,11 +434,12 @@ def _finalize(acc, g, gvalid, cfg):
     zbar = acc["Zc"] / acc["S"]  # E_p[z - m]
     out = {"lse": lse, "entropy_bits": (logS - zbar) / _LN2}
     if cfg.has_teacher:
-        logSf = jnp.log(acc["Sf"])
-        out["teacher_lse"] = acc["mf"] + logSf
-        out["teacher_entropy_bits"] = (logSf - acc["Zfc"] / acc["Sf"]) / _LN2
+        r = cfg.teacher_row
+        logSf = logS[:, r]
+        out["teacher_lse"] = lse[:, r]
+        out["teacher_entropy_bits"] = out["entropy_bits"][:, r]
         kl_pf = zbar - acc["Ac"] / acc["S"] - logS + logSf[:, None]
-        kl_fp = ((acc["Zfc"][:, None] - acc["Bc"]) / acc["Sf"][:, None]) - logSf[:, None] + logS
+        kl_fp = (acc["Zc"][:, r, None] - acc["Bc"]) / acc["S"][:, r, None] - logSf[:, None] + logS
         out["kl_to_final_bits"] = jnp.maximum(kl_pf, 0.0) / _LN2
         out["kl_final_to_layer_bits"] = jnp.maximum(kl_fp, 0.0) / _LN2
     if cfg.has_gold:
@@ -378,6 +457,34 @@ def _finalize(acc, g, gvalid, cfg):
 # local driver: gold logits, token blocking, streaming, combine, finalize
 
 
+def _row_blocked(fn, xs, Tb):
+    """Apply a row-independent fn to the pytree xs (leading axis T) in blocks of Tb rows.
+
+    Blocks are [s_b, s_b + Tb) with s_b = min(b*Tb, T - Tb): the last block overlaps the
+    previous one instead of padding (rows are independent, so the overlap is recomputed to
+    identical values), so nothing of size T is copied. Returns fn's pytree with leading axis T.
+    """
+    T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if Tb >= T:
+        return fn(xs)
+    nb = -(-T // Tb)
+    Tb = -(-T // nb)  # balance the blocks
+    sub_shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((Tb,) + x.shape[1:], x.dtype), xs
+    )
+    out_shapes = jax.eval_shape(fn, sub_shapes)
+    out0 = jax.tree_util.tree_map(lambda s: jnp.zeros((T,) + s.shape[1:], s.dtype), out_shapes)
+
+    def body(b, out):
+        s = jnp.minimum(b * Tb, T - Tb)
+        part = fn(jax.tree_util.tree_map(lambda x: lax.dynamic_slice_in_dim(x, s, Tb, 0), xs))
+        return jax.tree_util.tree_map(
+            lambda o, p: lax.dynamic_update_slice_in_dim(o, p, s, 0), out, part
+        )
+
+    return lax.fori_loop(0, nb, body, out0)
+
+
 def _local_stats(args, cfg, vocab_axis):
     """Runs on one device's data (inside shard_map, or alone). args: dict of local arrays."""
     h = args["h"]
@@ -387,10 +494,8 @@ def _local_stats(args, cfg, vocab_axis):
     Vl = W.shape[1]
     offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * Vl
     blk = {"h": h}
-    if cfg.has_teacher:
-        blk["teacher"] = args["teacher"]
     if cfg.has_temp:
-        blk["inv_temp"] = args["inv_temp"]
+        blk["temp"] = args["temp"]
     g = gvalid = None
     if cfg.has_gold:
         gold = args["gold"]
@@ -406,24 +511,10 @@ def _local_stats(args, cfg, vocab_axis):
             graw = lax.psum(graw, vocab_axis)  # exactly one owner: x + 0 + ... == x
         g = _softcap(graw, cfg.softcap)
         if cfg.has_temp:
-            g = g * args["inv_temp"]
+            g = g / args["temp"]
         blk.update(g=g, gcol=lc, gown=own)
 
-    Tb = min(cfg.token_block, T)
-    if Tb >= T:
-        acc = _partial_block(blk, W, bias, offset, cfg)
-    else:
-        nb = -(-T // Tb)
-        pad = nb * Tb - T
-
-        def split(x):
-            if pad:
-                x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            return x.reshape((nb, Tb) + x.shape[1:])
-
-        blocks = jax.tree_util.tree_map(split, blk)
-        accs = lax.map(lambda b: _partial_block(b, W, bias, offset, cfg), blocks)
-        acc = jax.tree_util.tree_map(lambda x: x.reshape((nb * Tb,) + x.shape[2:])[:T], accs)
+    acc = _stream_local(blk, W, bias, offset, cfg)
     if vocab_axis is not None:
         acc = _combine(acc, vocab_axis, cfg)
     return _finalize(acc, g, gvalid, cfg)
@@ -439,10 +530,10 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
     args = dict(args)
     padT = (-T) % nr
     if padT:
-        for key in ("h", "teacher", "inv_temp", "gold"):
+        for key in ("h", "temp", "gold"):
             if key in args:
                 x = args[key]
-                fill = -1 if key == "gold" else (1.0 if key == "inv_temp" else 0)
+                fill = -1 if key == "gold" else (1.0 if key == "temp" else 0)
                 args[key] = jnp.pad(x, [(0, padT)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     padV = (-V) % nv
     if padV:
@@ -456,8 +547,7 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
         "h": P(rspec),
         "W": P(None, vocab_axis),
         "bias": P(vocab_axis),
-        "teacher": P(rspec),
-        "inv_temp": P(rspec),
+        "temp": P(rspec),
         "gold": P(rspec),
     }
     in_specs = ({k: specs[k] for k in args},)
@@ -495,14 +585,26 @@ def _out_keys(cfg):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_axis", "row_axis"))
 def _stream_jit(args, cfg, mesh, vocab_axis, row_axis):
-    return _run(args, cfg, mesh, vocab_axis, row_axis)
+    if "teacher" not in args:
+        return _run(args, cfg, mesh, vocab_axis, row_axis)
+    # Fold the teacher in as an extra row R of every token: its logits then come out of the
+    # same GEMM and the same epilogue as the lens rows (one big GEMM instead of a second,
+    # skinny one), with temperature 1.
+    args = dict(args)
+    h = args["h"]
+    T, R, _ = h.shape
+    args["h"] = jnp.concatenate([h, args.pop("teacher")[:, None, :]], axis=1)
+    if "temp" in args:
+        args["temp"] = jnp.concatenate([args["temp"], jnp.ones((T, 1), _F32)], axis=1)
+    out = _run(args, cfg._replace(teacher_row=R), mesh, vocab_axis, row_axis)
+    return {k: (v if k.startswith("teacher_") else v[:, :R]) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # public API
 
 
-def _prepare(h, W, bias, temperature, teacher_h, gold, top_k):
+def _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row=None):
     """Validate / normalise shapes. Returns (args dict, squeeze_R flag)."""
     h = jnp.asarray(h)
     W = jnp.asarray(W)
@@ -527,12 +629,19 @@ def _prepare(h, W, bias, temperature, teacher_h, gold, top_k):
     if temperature is not None:
         if squeeze and jnp.ndim(temperature) == 1 and jnp.shape(temperature)[0] == T and T != 1:
             temperature = jnp.asarray(temperature)[:, None]
-        args["inv_temp"] = _norm_temperature(temperature, T, R)
+        args["temp"] = _norm_temperature(temperature, T, R)
     if teacher_h is not None:
         teacher_h = jnp.asarray(teacher_h)
         if teacher_h.shape != (T, d):
             raise ValueError(f"teacher_h must be [T, d]=({T}, {d}); got shape {teacher_h.shape}")
         args["teacher"] = teacher_h.astype(cdt)
+    if teacher_row is not None:
+        if teacher_h is not None:
+            raise ValueError("pass either teacher_h or teacher_row, not both")
+        if temperature is not None:
+            raise ValueError("teacher_row needs temperature=None (the teacher has no temperature)")
+        if not -R <= int(teacher_row) < R:
+            raise ValueError(f"teacher_row={teacher_row} is not a lens row index for R={R}")
     if gold is not None:
         gold = jnp.asarray(gold)
         if gold.shape != (T,):
@@ -559,17 +668,18 @@ def stream_stats(
     softcap: Optional[float] = None,
     temperature=None,
     teacher_h=None,
+    teacher_row: Optional[int] = None,
     gold=None,
     top_k: int = 0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: Optional[int] = None,
     token_block: Optional[int] = None,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: Optional[int] = None,
     precision=None,
     mesh: Optional[Mesh] = None,
     vocab_axis: Optional[str] = None,
     row_axis: Optional[str] = None,
     unroll: int = 1,
-    topk_group: Optional[int] = None,
+    topk_group=None,
 ) -> dict:
     """Streaming softmax statistics of every lens row, in one pass over vocabulary chunks.
 
@@ -579,17 +689,25 @@ def stream_stats(
       W: [d, V] unembedding (compute dtype or fp32; the operands are promoted to a common dtype).
       bias: optional [V] output bias.
       softcap: optional final-logit softcap c (z <- c*tanh(z/c)), applied after the bias.
-      temperature: optional scalar, [R] or [T, R]; lens logits are multiplied by 1/temperature
-        after softcap (the teacher is not).
+      temperature: optional scalar, [R] or [T, R]; lens logits are divided by it after the
+        softcap (the teacher is not).
       teacher_h: optional [T, d] final-normed residual per token; enables the two KLs and the
         teacher_* outputs.
+      teacher_row: alternative to teacher_h when the teacher is one of the lens rows (e.g. the
+        last layer of the norm / logit lens): its logits are reused, saving the teacher GEMM
+        (and its KLs are exactly 0). Needs temperature=None.
       gold: optional [T] int gold id per token (out-of-range ids give rank -1, NaN prob).
       top_k: number of top tokens to return (0 = none).
-      chunk: vocabulary chunk size C (clamped to the local vocab size).
+      chunk: vocabulary chunk size C (clamped to the local vocab size). Default: 2048 on CPU,
+        8192 on accelerators.
       token_block: tokens per streamed block (default: the largest with T_b*R*C <= block_elems).
+      block_elems: working-set budget of one [rows, C] block (default 2^19 on CPU, 2^26 on
+        accelerators).
       precision: lax precision for the GEMMs and the gold gather-dot (default: JAX's config).
       mesh, vocab_axis, row_axis: optional multi-device execution (see module docstring).
       unroll: lax.scan unroll factor over chunks.
+      topk_group: group sizes of the hierarchical chunk top-k (None = automatic; 1 = plain
+        lax.top_k over each chunk; an int G or a tuple of sizes per level).
 
     Returns:
       dict of fp32 arrays (int32 for ids / ranks) shaped [T, R] / [T, R, k]:
@@ -597,7 +715,7 @@ def stream_stats(
       ``teacher_lse`` [T], ``teacher_entropy_bits`` [T]; with gold: ``gold_rank``, ``gold_prob``,
       ``gold_logit``; with top_k: ``top_ids``, ``top_probs``.
     """
-    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k)
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row)
     T, R, _ = args["h"].shape
     V = args["W"].shape[1]
     if (vocab_axis is not None or row_axis is not None) and mesh is None:
@@ -610,22 +728,25 @@ def stream_stats(
             raise ValueError("vocab_axis and row_axis must differ")
     nv = mesh.shape[vocab_axis] if (mesh is not None and vocab_axis is not None) else 1
     nr = mesh.shape[row_axis] if (mesh is not None and row_axis is not None) else 1
-    chunk = int(chunk)
+    dchunk, dblock = _default_sizes(mesh)
+    chunk = dchunk if chunk is None else int(chunk)
+    block_elems = dblock if block_elems is None else int(block_elems)
     if chunk < 1:
         raise ValueError(f"chunk must be positive; got {chunk}")
     Vl = -(-V // nv)
     C = min(chunk, Vl)
     Tl = -(-T // nr)
     if token_block is None:
-        token_block = _auto_token_block(Tl, R, C, block_elems)
+        token_block = _auto_token_block(Tl, R + ("teacher" in args), C, block_elems)
     cfg = _Cfg(
         vocab=V,
         chunk=C,
         top_k=int(top_k),
         softcap=None if softcap is None else float(softcap),
         has_bias="bias" in args,
-        has_temp="inv_temp" in args,
-        has_teacher="teacher" in args,
+        has_temp="temp" in args,
+        has_teacher="teacher" in args or teacher_row is not None,
+        teacher_row=None if teacher_row is None else int(teacher_row) % R,
         has_gold="gold" in args,
         token_block=max(1, int(token_block)),
         precision=precision,
@@ -644,11 +765,12 @@ def dense_stats(
     softcap: Optional[float] = None,
     temperature=None,
     teacher_h=None,
+    teacher_row: Optional[int] = None,
     gold=None,
     top_k: int = 0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: Optional[int] = None,
     token_block: Optional[int] = None,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: Optional[int] = None,
     precision=None,
     mesh=None,
     vocab_axis=None,
@@ -662,7 +784,9 @@ def dense_stats(
     mesh arguments are accepted and ignored.
     """
     del chunk, token_block, block_elems, mesh, vocab_axis, row_axis, unroll, topk_group
-    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k)
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row)
+    if teacher_row is not None:
+        args["teacher"] = args["h"][:, int(teacher_row)]
     out = _dense_jit(args, int(top_k), None if softcap is None else float(softcap), precision)
     return _squeeze_out(out, squeeze)
 
@@ -681,8 +805,8 @@ def _dense_jit(args, top_k, softcap, precision):
         return _softcap(z, softcap)
 
     z = head(h)
-    if "inv_temp" in args:
-        z = z * args["inv_temp"][..., None]
+    if "temp" in args:
+        z = z / args["temp"][..., None]
     lse = jax.nn.logsumexp(z, axis=-1)
     logp = z - lse[..., None]
     p = jnp.exp(logp)
@@ -704,8 +828,8 @@ def _dense_jit(args, top_k, softcap, precision):
         if "bias" in args:
             g = g + jnp.take(args["bias"], gc).astype(_F32)[:, None]
         g = _softcap(g, softcap)
-        if "inv_temp" in args:
-            g = g * args["inv_temp"]
+        if "temp" in args:
+            g = g / args["temp"]
         ids = jnp.arange(V)
         greater = (z > g[..., None]) & (ids != gc[:, None, None])
         gv = gvalid[:, None]
@@ -732,16 +856,19 @@ def pair_stats(
     lseA=None,
     lseB=None,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: Optional[int] = None,
+    block_elems: Optional[int] = None,
     precision=None,
     unroll: int = 1,
 ) -> dict:
     """KL(A||B), KL(B||A), JS divergence (bits) and L1 distance sum|pA - pB| per row.
 
     hA, hB: [M, d] (any leading shape, identical for both) rows of two lenses at the same
-    positions (e.g. raw vs norm lens). lseA / lseB: their log-partitions (from
-    :func:`stream_stats`; computed with an extra pass when None). One streaming pass.
-    Returns dict of [M] fp32 arrays: ``kl_ab_bits``, ``kl_ba_bits``, ``js_bits``, ``l1``.
+    positions (e.g. raw vs norm lens), decoded with the same head (W, bias, softcap).
+    lseA / lseB: their log-partitions (from :func:`stream_stats`; computed with an extra pass
+    each when None). One streaming pass over vocab chunks, rows blocked as in stream_stats.
+    Returns dict of fp32 arrays shaped like the leading shape: ``kl_ab_bits``, ``kl_ba_bits``,
+    ``js_bits`` (in [0, 1]), ``l1`` (in [0, 2]).
     """
     hA = jnp.asarray(hA)
     hB = jnp.asarray(hB)
@@ -750,14 +877,21 @@ def pair_stats(
         raise ValueError(f"hA {hA.shape} and hB {hB.shape} must have the same shape")
     lead = hA.shape[:-1]
     d = hA.shape[-1]
+    if W.ndim != 2 or W.shape[0] != d:
+        raise ValueError(f"W must be [d, V] with d={d}; got shape {W.shape}")
     hA2 = hA.reshape(-1, d)
     hB2 = hB.reshape(-1, d)
-    kw = dict(bias=bias, softcap=softcap, chunk=chunk, precision=precision, unroll=unroll)
+    dchunk, dblock = _default_sizes(None)
+    chunk = dchunk if chunk is None else int(chunk)
+    block_elems = dblock if block_elems is None else int(block_elems)
+    kw = dict(bias=bias, softcap=softcap, chunk=chunk, block_elems=block_elems,
+              precision=precision, unroll=unroll)
     if lseA is None:
         lseA = stream_stats(hA2, W, **kw)["lse"]
     if lseB is None:
         lseB = stream_stats(hB2, W, **kw)["lse"]
     cdt = _compute_dtype(hA2, W)
+    C = min(chunk, W.shape[1])
     out = _pair_jit(
         hA2.astype(cdt),
         hB2.astype(cdt),
@@ -766,58 +900,56 @@ def pair_stats(
         jnp.asarray(lseA, _F32).reshape(-1),
         jnp.asarray(lseB, _F32).reshape(-1),
         softcap=None if softcap is None else float(softcap),
-        chunk=int(chunk),
+        chunk=C,
+        rows_block=max(1, block_elems // C),
         precision=precision,
         unroll=int(unroll),
     )
     return {k: v.reshape(lead) for k, v in out.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("softcap", "chunk", "precision", "unroll"))
-def _pair_jit(hA, hB, W, bias, lseA, lseB, softcap, chunk, precision, unroll):
-    M, d = hA.shape
+@functools.partial(
+    jax.jit, static_argnames=("softcap", "chunk", "rows_block", "precision", "unroll")
+)
+def _pair_jit(hA, hB, W, bias, lseA, lseB, softcap, chunk, rows_block, precision, unroll):
     V = W.shape[1]
-    C = min(chunk, V)
+    C = chunk
     n_chunks = -(-V // C)
     cdt = hA.dtype
     iota = jnp.arange(C, dtype=jnp.int32)
 
-    def step(acc, i):
-        lo = i * C
-        start = jnp.minimum(lo, V - C)
-        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
-        valid = (start + iota) >= lo
-        zA = _dot(hA, wc, precision)
-        zB = _dot(hB, wc, precision)
-        if bias is not None:
-            bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
-            zA = zA + bc
-            zB = zB + bc
-        lpA = _softcap(zA, softcap) - lseA[:, None]
-        lpB = _softcap(zB, softcap) - lseB[:, None]
-        pA = jnp.exp(lpA)
-        pB = jnp.exp(lpB)
-        x = lpB - lpA
-        sp = jax.nn.softplus(x)  # log(1 + pB/pA)
-        # pA log(pA / mid) = pA (ln2 - softplus(x)); pB log(pB / mid) = pB (ln2 - softplus(x) + x)
-        js = 0.5 * (pA * (_LN2 - sp) + pB * (_LN2 - sp + x))
-        zero = jnp.zeros_like(pA)
-        kab = jnp.where(valid, pA * (-x), zero)
-        kba = jnp.where(valid, pB * x, zero)
-        js = jnp.where(valid, js, zero)
-        l1 = jnp.where(valid, jnp.abs(pA - pB), zero)
-        new = (
-            acc[0] + kab.sum(-1),
-            acc[1] + kba.sum(-1),
-            acc[2] + js.sum(-1),
-            acc[3] + l1.sum(-1),
-        )
-        return new, None
+    def block(xs):
+        hA, hB, lseA, lseB = xs
+        M = hA.shape[0]
 
-    z = jnp.zeros((M,), _F32)
-    (kab, kba, js, l1), _ = lax.scan(
-        step, (z, z, z, z), jnp.arange(n_chunks, dtype=jnp.int32), unroll=unroll
-    )
+        def step(acc, i):
+            lo = i * C
+            start = jnp.minimum(lo, V - C)
+            wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
+            valid = (start + iota) >= lo  # the clamped last chunk re-reads seen columns
+            zA = _dot(hA, wc, precision)
+            zB = _dot(hB, wc, precision)
+            if bias is not None:
+                bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
+                zA = zA + bc
+                zB = zB + bc
+            lpA = _softcap(zA, softcap) - lseA[:, None]
+            lpB = _softcap(zB, softcap) - lseB[:, None]
+            pA = jnp.exp(lpA)
+            pB = jnp.exp(lpB)
+            x = lpB - lpA
+            sp = jax.nn.softplus(x)  # log(1 + pB/pA)
+            # with mid = (pA+pB)/2: pA log(pA/mid) = pA (ln2 - sp); pB log(pB/mid) = pB (ln2 - sp + x)
+            js = 0.5 * (pA * (_LN2 - sp) + pB * (_LN2 - sp + x))
+            zero = jnp.zeros_like(pA)
+            terms = (pA * (-x), pB * x, js, jnp.abs(pA - pB))
+            return tuple(a + jnp.sum(jnp.where(valid, t, zero), -1) for a, t in zip(acc, terms)), None
+
+        z = jnp.zeros((M,), _F32)
+        acc, _ = lax.scan(step, (z, z, z, z), jnp.arange(n_chunks, dtype=jnp.int32), unroll=unroll)
+        return acc
+
+    kab, kba, js, l1 = _row_blocked(block, (hA, hB, lseA, lseB), rows_block)
     return {
         "kl_ab_bits": jnp.maximum(kab, 0.0) / _LN2,
         "kl_ba_bits": jnp.maximum(kba, 0.0) / _LN2,
@@ -847,7 +979,7 @@ def gather_logits(h, W, ids, bias=None, softcap=None, temperature=None, precisio
     h: [..., d]; ids: int [*lead, S] where ``lead`` is a prefix of h's leading shape (e.g. h
     [T, R, d] with ids [T, S] shared by the R rows, or ids [S] shared by all rows: pass
     ids[None] ... or any prefix). Negative / out-of-range ids give -inf. Same head transform as
-    :func:`stream_stats` (bias, softcap, then 1/temperature; temperature broadcastable to
+    :func:`stream_stats` (bias, softcap, then / temperature; temperature broadcastable to
     h.shape[:-1]). Returns fp32 [..., S].
     """
     h = jnp.asarray(h)

@@ -152,6 +152,13 @@ def _scalar(value: Any) -> Any:
 
 def format_cell(value: Any) -> str:
     """Text of one CSV cell before quoting (what ``csv.writer`` would ``str()``)."""
+    t = type(value)                      # fast paths for the plain Python cells that make up most rows
+    if t is float:
+        return repr(value)
+    if t is str:
+        return value
+    if value is None:
+        return ""
     value = _scalar(value)
     if value is None:
         return ""
@@ -176,7 +183,7 @@ def _quote(text: str) -> str:
 
 def format_row(cells: Sequence[Any]) -> str:
     """One CSV record, line terminator included."""
-    parts = [_quote(format_cell(c)) for c in cells]
+    parts = [_quote(format_cell(c)) if type(c) is not float else repr(c) for c in cells]   # a float repr needs no quoting
     if len(parts) == 1 and parts[0] == "":
         parts[0] = '""'                  # csv.writer: a lone empty field is quoted
     return ",".join(parts) + "\n"

@@ -155,15 +155,28 @@ def test_csv_headers_and_json_sections(probed, tmp_path):
     paths = write_outputs(res, str(tmp_path))
     name = os.path.basename(probed["path"])
     files = sorted(os.path.basename(p) for p in paths)
-    assert files == sorted([f"output-{name}.json", f"output-{name}-records.csv",
-                            f"output-{name}-pure-next-token.csv"])
+    kinds = ["records", "pure-next-token", "pure-next-token-rawlens", "pure-next-token-rawlens-window", "milestones",
+             "artifact-audit"]
+    assert files == sorted([f"output-{name}.json"] + [f"output-{name}-{k}.csv" for k in kinds])
     import csv
 
-    for fname, key in ((f"output-{name}-records.csv", "records"),
-                       (f"output-{name}-pure-next-token.csv", "pure-next-token")):
-        with open(tmp_path / fname, newline="", encoding="utf-8") as fh:
+    ref_headers = None
+    if (REF_DIR / "csv-headers.json").exists():
+        ref_headers = json.loads((REF_DIR / "csv-headers.json").read_text(encoding="utf-8"))
+    for key in kinds:
+        with open(tmp_path / f"output-{name}-{key}.csv", newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
         assert rows[0] == header(key)
+        if ref_headers is not None:
+            assert rows[0] == ref_headers[f"-{key}.csv"], key
+        assert all(len(r) == len(rows[0]) for r in rows), key
+    n = res.json["model_stats"]["num_layers"]
+    with open(tmp_path / f"output-{name}-pure-next-token-rawlens.csv", encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) - 1 == 11 * (n + 1)
+    with open(tmp_path / f"output-{name}-milestones.csv", encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) - 1 == 4
+    with open(tmp_path / f"output-{name}-artifact-audit.csv", encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) - 1 == 1 + (n + 1)
     with open(tmp_path / f"output-{name}-pure-next-token.csv", encoding="utf-8") as fh:
         n_pure = sum(1 for _ in fh) - 1
     assert n_pure == 11 * (res.json["model_stats"]["num_layers"] + 1)
@@ -172,29 +185,38 @@ def test_csv_headers_and_json_sections(probed, tmp_path):
     if skel.exists():
         ref = json.loads(skel.read_text(encoding="utf-8"))
         feature_keys = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
-                        "model_stats", "prompts", "provenance", "copy_flag_columns", "ablation_summary",
-                        "control_prompt", "control_summary", "tuned_lens", "summary", "micro_suite", "gold_answer"]
+                        "model_stats", "raw_lens_check", "prompts", "provenance", "copy_flag_columns",
+                        "ablation_summary", "control_prompt", "control_summary", "tuned_lens", "summary",
+                        "micro_suite", "measurement_guidance", "evaluation_pack", "gold_answer"]
+        assert list(doc) == list(ref)                 # top-level keys, in the reference order
         for k in feature_keys:
             assert k in doc, k
             if isinstance(ref[k], dict) and k not in ("tuned_lens", "provenance"):
                 missing = set(ref[k]) - set(doc[k])
-                if k in ("diagnostics", "summary"):   # issue-5 diagnostics are a later stage
+                if k == "diagnostics":               # tuned-lens keys come with tuned-lens support
                     missing -= DIAGNOSTICS_LATER
                 assert not missing, (k, sorted(missing))
+        # diagnostics keys in the reference order (jaxlens extras such as tau_norm_calibration interleave)
+        common = [k for k in ref["diagnostics"] if k in doc["diagnostics"]]
+        assert [k for k in doc["diagnostics"] if k in set(common)] == common
+        for k in ("raw_lens_full", "raw_lens_window", "decoding_point", "last_layer_consistency", "numeric_health",
+                  "repeatability", "repeatability_forward", "normalization_provenance", "norm_trajectory",
+                  "gate_stability_small_scale", "confirmed_semantics", "config", "position_window"):
+            missing = set(ref["diagnostics"][k]) - set(doc["diagnostics"][k] or {})
+            assert not missing, (k, sorted(missing))
+        for k in ("evaluation_pack", "measurement_guidance", "raw_lens_check"):
+            assert not set(ref[k]) - set(doc[k]), k
     from jaxlens.writers import copy_flag_columns
 
     assert doc["copy_flag_columns"] == copy_flag_columns()
 
 
+# diagnostics keys still missing: those that exist only when a tuned lens is loaded (tuned-lens support)
 DIAGNOSTICS_LATER = {
-    "flags", "prism_summary", "tau_norm_per_layer", "gate_stability_small_scale", "raw_lens_window", "raw_lens_full",
-    "normalization_provenance", "layer_map", "numeric_health", "repeatability", "decoding_point",
-    "lens_consistency", "repeatability_forward", "last_layer_consistency", "kl_to_final_bits_norm_temp@25%",
-    "kl_to_final_bits_norm_temp@50%", "kl_to_final_bits_norm_temp@75%", "tuned_lens", "L_surface_to_meaning_tuned",
-    "answer_mass_at_L_surface_tuned", "echo_mass_at_L_surface_tuned", "L_geom_tuned", "cos_to_answer_at_L_geom_tuned",
-    "cos_to_prompt_max_at_L_geom_tuned", "L_topk_decay_tuned", "topk_prompt_mass_at_L_tuned", "topk_prompt_tau_tuned",
-    "surface_delta_tuned", "geom_gamma_tuned", "skip_layers_sanity", "tuned_lens_regression", "confirmed_semantics",
-    "L_semantic_confirmed", "config", "micro_suite", "position_window", "norm_trajectory",
+    "L_surface_to_meaning_tuned", "answer_mass_at_L_surface_tuned", "echo_mass_at_L_surface_tuned", "L_geom_tuned",
+    "cos_to_answer_at_L_geom_tuned", "cos_to_prompt_max_at_L_geom_tuned", "L_topk_decay_tuned",
+    "topk_prompt_mass_at_L_tuned", "topk_prompt_tau_tuned", "surface_delta_tuned", "geom_gamma_tuned",
+    "skip_layers_sanity", "tuned_lens_regression",
 }
 
 
@@ -205,6 +227,6 @@ def test_two_runs_are_byte_identical(probed, tmp_path):
     run_probe(probed["path"], out_dir=str(a))
     run_probe(probed["path"], out_dir=str(b))
     names = sorted(os.listdir(a))
-    assert names == sorted(os.listdir(b)) and len(names) == 3
+    assert names == sorted(os.listdir(b)) and len(names) == 7
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
