@@ -229,7 +229,11 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         W = W.astype(unembed_dtype)
         bias = None if bias is None else bias.astype(unembed_dtype)
     temp = _temperature(lens, layers)
-    kw = dict(bias=bias, softcap=spec.final_softcap, temperature=temp, teacher_h=teacher,
+    # norm / logit lens: the last selected row already is the teacher (final norm of layer n), so the
+    # kernel reuses it instead of decoding an extra row (and that row's KL is exactly 0)
+    own = isinstance(lens, str) and lens in ("norm", "logit") and layers[-1] == spec.n_layers and not dense
+    teach = dict(teacher_row=-1) if own else dict(teacher_h=teacher)
+    kw = dict(bias=bias, softcap=spec.final_softcap, temperature=temp, **teach,
               gold=_gold_rows(gold_ids, pos, B), top_k=int(top_k))
     if dense:
         out = stream.dense_stats(h, W, **kw)

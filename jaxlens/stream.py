@@ -20,19 +20,20 @@ Definitions (all statistics in float32 whatever the input dtype; GEMMs accumulat
 * ``teacher_entropy_bits`` / ``teacher_lse`` [T] for the teacher rows.
 
 Streaming math (per row, per vocab chunk c; see notes §4.2): running max m, S = sum e^{z-m},
-Zc = sum e^{z-m}(z-m), and co-located with the token's teacher (m_f, S_f, Zfc likewise)
-Ac = sum e^{z-m}(z_f-m_f), Bc = sum e^{z_f-m_f}(z-m); all rescaled when a max moves. Then
+Zc = sum e^{z-m}(z-m), all rescaled when the max moves. The teacher is co-located: it is
+folded in as one more row of each token (row r_f; ``teacher_row`` names an existing row
+instead), so its logits come out of the same chunk GEMM, its own (m_f, S_f, Zfc) are just its
+row's, and per token only Ac = sum e^{z-m}(z_f-m_f) and Bc = sum e^{z_f-m_f}(z-m) are added
+(rescaled when either max moves). Then
 
     lse = m + log S,          H = log S - Zc/S
     KL(P || P_f) = (Zc - Ac)/S  - log S   + log S_f
     KL(P_f || P) = (Zfc - Bc)/S_f - log S_f + log S
 
-Vocabulary chunks: chunk i covers columns [start_i, start_i + C) with
-start_i = min(i*C, V_local - C). For the last chunk, when C does not divide V, the slice is
-clamped inside W and the columns below i*C (already seen by chunk i-1) are masked to a very
-negative value (NEG), which is exactly equivalent to zero-padding W and masking the padded
-columns, but copies nothing: W is never padded on the single-device / row-parallel paths.
-Masked columns never count in S, ranks or top-k.
+Loops: a lax.scan over vocab chunks (each W chunk is sliced once) around a fori_loop over token
+blocks of T_b tokens (T_b*R*C <= block_elems, so the [T_b*R, C] fp32 block stays cache-sized on
+CPU); every block is one GEMM with all its rows folded into M. Top-k: per chunk, a two-stage
+selection (group maxima -> the k best groups -> their entries) merged into a running [k] buffer.
 
 Parallelism (one code path: partial accumulators -> combine -> finalize):
 
@@ -52,7 +53,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -182,7 +182,8 @@ def _init_acc(Tb, R, cfg):
     return acc
 
 
-_TOPK_CALL_COST = 512  # per-row overhead of one more top_k level (gather + sort), element-equivalents
+# per-row overhead of one more top-k level (top_k call, sort, gather), in element-equivalents
+_TOPK_CALL_COST = 512
 
 
 def _topk_groups(C, k, groups):
@@ -249,23 +250,19 @@ def _topk_candidates(x, k, gs):
     return cand, cid
 
 
-_PRESELECT = True
-_TEACHER_DOTS = True
-
-
 def _topk_merge(z, tv, ti, k, gs, id0):
     """Merge chunk logits z [..., C] (ids id0 + arange(C)) into the running top-k buffer.
 
     tv / ti [..., k]: buffer values / ids, holding only ids below id0 (earlier chunks).
-    Returns (new values, new ids, chunk max or None). Ties go to the lower id: XLA's TopK breaks ties by position
-    (runtime_topk.cc: "Stabilize sorting"), the buffer comes first and the chunk candidates
-    are laid out in ascending id order.
+    Returns (new values, new ids, chunk max or None). Ties go to the lower id: XLA's TopK
+    breaks ties by position (xla/service/cpu/runtime_topk.cc: "Stabilize sorting"), the
+    buffer comes first and the chunk candidates are laid out in ascending id order.
     """
     cmax = None
-    if gs:  # the level-1 group maxima give the chunk max for free
+    if gs:
+        # the level-1 group maxima (shared with _topk_candidates by CSE) give the chunk max
         gm = jnp.max(z.reshape(z.shape[:-1] + (z.shape[-1] // gs[0], gs[0])), axis=-1)
         cmax = jnp.max(gm, axis=-1)
-    if gs or not _PRESELECT:
         cand, cid = _topk_candidates(z, k, gs)
     else:  # plain: the chunk's own top-k (ascending ids among ties), then a small merge
         cand, cid = lax.top_k(z, min(k, z.shape[-1]))
@@ -339,15 +336,8 @@ def _stream_local(blk, W, bias, offset, cfg):
             dm_f = (m - m_new)[:, r]  # old m_f - new m_f
             a_f = a[:, r]
             S_f = S[:, r]
-            if _TEACHER_DOTS:
-                # sum_v e * zfc and sum_v ef * zc as per-token batched mat-vecs (GEMM kernels)
-                dn = (((2,), (1,)), ((0,), (0,)))
-                hi = lax.Precision.HIGHEST
-                sa = lax.dot_general(e, zfc, dn, precision=hi, preferred_element_type=_F32)
-                sb = lax.dot_general(zc, ef, dn, precision=hi, preferred_element_type=_F32)
-            else:
-                sa = jnp.sum(e * zfc[:, None, :], axis=-1)
-                sb = jnp.sum(ef[:, None, :] * zc, axis=-1)
+            sa = jnp.sum(e * zfc[:, None, :], axis=-1)  # sum_v e^{z-m} (z_f - m_f)
+            sb = jnp.sum(ef[:, None, :] * zc, axis=-1)  # sum_v e^{z_f-m_f} (z - m)
             new["Ac"] = a * (acc["Ac"] + dm_f[:, None] * S) + sa
             new["Bc"] = a_f[:, None] * (acc["Bc"] + (m - m_new) * S_f[:, None]) + sb
         if cfg.has_gold:
@@ -575,7 +565,8 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
 def _out_keys(cfg):
     keys = ["lse", "entropy_bits"]
     if cfg.has_teacher:
-        keys += ["teacher_lse", "teacher_entropy_bits", "kl_to_final_bits", "kl_final_to_layer_bits"]
+        keys += ["teacher_lse", "teacher_entropy_bits", "kl_to_final_bits",
+                 "kl_final_to_layer_bits"]
     if cfg.has_gold:
         keys += ["gold_rank", "gold_prob", "gold_logit"]
     if cfg.top_k:
@@ -692,10 +683,12 @@ def stream_stats(
       temperature: optional scalar, [R] or [T, R]; lens logits are divided by it after the
         softcap (the teacher is not).
       teacher_h: optional [T, d] final-normed residual per token; enables the two KLs and the
-        teacher_* outputs.
+        teacher_* outputs. It is streamed as one more row of each token (inside the jit, h is
+        concatenated to [T, R+1, d]).
       teacher_row: alternative to teacher_h when the teacher is one of the lens rows (e.g. the
-        last layer of the norm / logit lens): its logits are reused, saving the teacher GEMM
-        (and its KLs are exactly 0). Needs temperature=None.
+        last layer of the norm / logit lens): that row's logits are reused, which saves the
+        extra row (1/(R+1) of the GEMM and epilogue) and the copy of h; that row's KLs are then
+        exactly 0. Needs temperature=None.
       gold: optional [T] int gold id per token (out-of-range ids give rank -1, NaN prob).
       top_k: number of top tokens to return (0 = none).
       chunk: vocabulary chunk size C (clamped to the local vocab size). Default: 2048 on CPU,
@@ -939,11 +932,12 @@ def _pair_jit(hA, hB, W, bias, lseA, lseB, softcap, chunk, rows_block, precision
             pB = jnp.exp(lpB)
             x = lpB - lpA
             sp = jax.nn.softplus(x)  # log(1 + pB/pA)
-            # with mid = (pA+pB)/2: pA log(pA/mid) = pA (ln2 - sp); pB log(pB/mid) = pB (ln2 - sp + x)
+            # mid = (pA+pB)/2: pA log(pA/mid) = pA (ln2 - sp), pB log(pB/mid) = pB (ln2 - sp + x)
             js = 0.5 * (pA * (_LN2 - sp) + pB * (_LN2 - sp + x))
             zero = jnp.zeros_like(pA)
             terms = (pA * (-x), pB * x, js, jnp.abs(pA - pB))
-            return tuple(a + jnp.sum(jnp.where(valid, t, zero), -1) for a, t in zip(acc, terms)), None
+            new = tuple(a + jnp.sum(jnp.where(valid, t, zero), -1) for a, t in zip(acc, terms))
+            return new, None
 
         z = jnp.zeros((M,), _F32)
         acc, _ = lax.scan(step, (z, z, z, z), jnp.arange(n_chunks, dtype=jnp.int32), unroll=unroll)
@@ -1043,7 +1037,7 @@ def set_mass_in_topk(top_ids, top_probs, set_ids):
 
 
 def topk_jaccard(idsA, idsB):
-    """Jaccard overlap |A ∩ B| / |A ∪ B| of two id sets per row ([..., k] each; ids < 0 ignored).
+    """Jaccard overlap |A ∩ B| / |A ∪ B| of two id sets per row ([..., k]; ids < 0 ignored).
 
     The ids within one row are assumed distinct (as top-k ids are). Returns fp32 [...]
     (1.0 where both sets are empty).
