@@ -6,8 +6,9 @@ Public names (see shared/API.md): :func:`load_model`, :func:`lens_stats`, :func:
 from .errors import JaxlensError
 from .lens import AffineLens, LensStats, lens_logits, lens_stats
 from .loader import Model, load_model
+from .tuned import load_lens, save_lens
 
 __version__ = "0.1.0"
 
-__all__ = ["AffineLens", "JaxlensError", "LensStats", "Model", "lens_logits", "lens_stats", "load_model",
-           "__version__"]
+__all__ = ["AffineLens", "JaxlensError", "LensStats", "Model", "lens_logits", "lens_stats", "load_lens", "load_model",
+           "save_lens", "__version__"]

@@ -51,7 +51,8 @@ def _cmd_probe(args) -> int:
     if args.tuned:
         from .errors import JaxlensError
 
-        raise JaxlensError("--tuned needs the tuned-lens support, which is not in this version of jaxlens")
+        raise JaxlensError("jaxlens probe --tuned is not wired into the probe yet; evaluate the lens with "
+                           "jaxlens eval-lens, or decode it with jaxlens.lens_stats(model, fw, jaxlens.load_lens(DIR))")
     say(f"loading {args.model} ({args.dtype})")
     model = load_model(args.model, dtype=args.dtype)
     quirks = ReferenceQuirks.reference() if args.reference_quirks else None
@@ -65,6 +66,44 @@ def _cmd_probe(args) -> int:
     return 0
 
 
+def _cmd_train_lens(args) -> int:
+    from train_tuned.train import train_lens
+
+    res = train_lens(args.model, args.data, args.out, steps=args.steps, recipe=args.recipe, stop_at=args.stop_at,
+                     resume=args.resume, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
+                     micro_batch=args.micro_batch, devices=args.devices, checkpoint_every=args.checkpoint_every,
+                     seed=args.seed, dtype=args.dtype, text_field=args.text_field, lens_matmul=args.lens_matmul,
+                     progress=not args.quiet,
+                     log=None if not args.quiet else (lambda msg: None))
+    fl = res.card["final_losses"]
+    kl = fl.get("kl_nats_mean_last") or []
+    layers = fl.get("layers") or []
+    shown = ", ".join(f"{l}: {v:.4f}" for l, v in zip(layers, kl) if v is not None)
+    state = "complete" if res.complete else f"stopped after step {res.step} (resume with --resume)"
+    print(f"{res.card['recipe']['name']} lens, {res.step}/{res.card['training']['steps']} steps, {state}")
+    print(f"KL(final || lens) nats/token, mean of the last {fl['mean_last_steps']} steps, by layer: {shown}")
+    print(res.out)
+    return 0
+
+
+def _cmd_eval_lens(args) -> int:
+    from train_tuned.evaluate import default_out, evaluate_lens, format_table
+
+    from .loader import load_model
+    from .tuned import load_lens
+    from .writers import write_json
+
+    model = load_model(args.model, dtype=args.dtype)
+    lens = load_lens(args.lens, model=model)
+    res = evaluate_lens(model, lens, args.data, seq_len=args.seq_len, max_tokens=args.tokens,
+                        batch_seqs=args.batch, text_field=args.text_field, progress=not args.quiet)
+    out = args.out or default_out(args.lens, args.data)
+    write_json(out, res)
+    print(format_table(res))
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlens", description="Layer-by-layer lenses for HF causal LMs in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pr.add_argument("--tuned", default=None, metavar="LENS_DIR", help="a trained tuned lens to decode too")
     pr.add_argument("--reference-quirks", action="store_true",
-                    help="reproduce the reference's known bugs (Q1, N1) instead of fixing them")
+                    help="reproduce the reference's known bugs (Q1, N1, Q3, Q5, Q13, N2; docs/reference_bugs.md) "
+                         "instead of fixing them")
     pr.add_argument("--quiet", action="store_true", help="no progress messages")
     pr.set_defaults(func=_cmd_probe)
     f = sub.add_parser("forward", help="load a checkpoint and run one forward pass (a smoke test)")
@@ -83,6 +123,41 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     f.add_argument("--text", default="Give the city name only, plain text. The capital of Germany is called simply")
     f.set_defaults(func=_cmd_forward)
+    t = sub.add_parser("train-lens", help="train a tuned lens with optax (orbax checkpoints, exact resume)")
+    t.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
+    t.add_argument("--data", required=True, help="a text file (paragraphs = documents), a .jsonl file, "
+                   "or hf:NAME[:CONFIG][@SPLIT]")
+    t.add_argument("--out", required=True, metavar="LENS_DIR", help="lens + checkpoint directory")
+    t.add_argument("--recipe", default="tuned-lens", help="'tuned-lens' (default), 'reference', or a recipe .toml")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps of the whole schedule (default: recipe)")
+    t.add_argument("--stop-at", type=int, default=None, metavar="K", help="stop cleanly after step K")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in LENS_DIR")
+    t.add_argument("--tokens-per-step", type=int, default=None,
+                   help="tokens per optimizer step (default: the recipe's, scaled to the model on a CPU)")
+    t.add_argument("--seq-len", type=int, default=None, help="sequence length (default: recipe, capped by the model)")
+    t.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-batch")
+    t.add_argument("--devices", type=int, default=1, help="data-parallel devices (0 = all)")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval in steps")
+    t.add_argument("--seed", type=int, default=None, help="data order / sampling seed (default: recipe)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (lens parameters are always float32)")
+    t.add_argument("--lens-matmul", default=None, choices=["model", "float32", "bfloat16", "float16"],
+                   help="operand dtype of the lens's vocabulary GEMMs (fp32 accumulation; default: the recipe's)")
+    t.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=_cmd_train_lens)
+    e = sub.add_parser("eval-lens", help="per-layer CE / entropy / KL of the logit lens and a tuned lens")
+    e.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
+    e.add_argument("--lens", required=True, metavar="LENS_DIR", help="a jaxlens, tuned-lens or reference lens")
+    e.add_argument("--data", required=True, help="a text or .jsonl file")
+    e.add_argument("--out", default=None, help="result JSON (default LENS_DIR/eval-<data name>.json)")
+    e.add_argument("--tokens", type=int, default=None, help="evaluate at most this many tokens")
+    e.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the lens's training one)")
+    e.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_eval_lens)
     return p
 
 

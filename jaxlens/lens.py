@@ -103,6 +103,8 @@ def normalise(model, residuals: jax.Array, lens="norm", layers=None) -> jax.Arra
         keep = jnp.asarray(applies[layers]).reshape((-1,) + (1,) * (residuals.ndim - 1))
         rows = jnp.where(keep, normed, residuals)
     if not isinstance(lens, str):
+        if getattr(lens, "bound", True) is False and hasattr(lens, "bind"):
+            lens = lens.bind(model)       # tuned-lens-format lenses take the model's final norm
         rows = lens.translate(rows, layers)
     return rows
 

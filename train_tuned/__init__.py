@@ -1,0 +1,13 @@
+"""Tuned-lens training for jaxlens (``jaxlens train-lens`` / ``jaxlens eval-lens``).
+
+* :mod:`train_tuned.train`    recipes -> plan, the jitted data-parallel step, orbax checkpoints, exact resume
+* :mod:`train_tuned.loss`     the streaming (vocab-chunked) distillation loss with a custom VJP
+* :mod:`train_tuned.data`     text / JSONL / HF-streaming sources, packing, seeded order, content hash
+* :mod:`train_tuned.evaluate` per-layer CE / entropy / KL of the logit and tuned lenses
+
+The lens objects and the on-disk formats live in :mod:`jaxlens.tuned`.
+"""
+from .evaluate import evaluate_lens
+from .train import load_recipe, make_plan, train_lens
+
+__all__ = ["evaluate_lens", "load_recipe", "make_plan", "train_lens"]
