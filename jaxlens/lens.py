@@ -220,8 +220,8 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
     pos, valid = _select_positions(fw, positions)
     B, P = pos.shape
     R = len(layers)
-    res = fw.residuals[layers]                                                  # [R, B, T, d]
-    res = jnp.take_along_axis(res, jnp.asarray(pos)[None, :, :, None], axis=2)  # [R, B, P, d]
+    # pick positions first (P is often 1), then layers: never copies the full [n+1, B, T, d] stack
+    res = jnp.take_along_axis(fw.residuals, jnp.asarray(pos)[None, :, :, None], axis=2)[layers]  # [R, B, P, d]
     rows = normalise(model, res, lens, layers)
     h = jnp.transpose(rows, (1, 2, 0, 3)).reshape(B * P, R, -1)                 # token-major [B*P, R, d]
     last = jnp.take_along_axis(fw.residuals[spec.n_layers], jnp.asarray(pos)[:, :, None], axis=1)

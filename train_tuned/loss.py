@@ -78,6 +78,28 @@ def _pre(y, wc, bc, cfg):
     return a if bc is None else a + bc
 
 
+def _chunk_logits(x, it, t, W, bias, i, cfg, cdt):
+    """Chunk i of the lens logits (pre-softcap a, softcapped hz, final z) and the teacher's zf."""
+    wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt)
+    a = _pre(x, wc, bc, cfg)                                                  # [Tb, R, C]
+    hz = _softcap(a, cfg.softcap)
+    z = (hz * it[..., None] if cfg.has_temp else hz) + madd
+    zf = _softcap(_pre(t, wc, bc, cfg), cfg.softcap) + madd                   # [Tb, C]
+    return wc, a, hz, z, zf
+
+
+def _teacher_update(mf, Sf, Zf, B, zf, z):
+    """Online update of the teacher's (max, sum, entropy sum) and of B = sum e^{zf - mf} z."""
+    mf_new = jnp.maximum(mf, jnp.max(zf, axis=-1))
+    af = jnp.exp(mf - mf_new)
+    zfc = zf - mf_new[:, None]
+    ef = jnp.exp(zfc)
+    Zf = af * (Zf + (mf - mf_new) * Sf) + jnp.sum(ef * zfc, axis=-1)
+    Sf = af * Sf + jnp.sum(ef, axis=-1)
+    B = af[:, None] * B + jnp.einsum("tc,trc->tr", ef, z, precision=lax.Precision.HIGHEST)
+    return mf_new, af, ef, Sf, Zf, B
+
+
 def _fwd_block(x, it, t, W, bias, cfg):
     """One token block: x [Tb, R, d], it [Tb, R], t [Tb, d] -> (ce [Tb,R], lse [Tb,R], lse_f [Tb], H_f [Tb])."""
     Tb, R, _ = x.shape
@@ -87,19 +109,10 @@ def _fwd_block(x, it, t, W, bias, cfg):
 
     def step(acc, i):
         m, S, mf, Sf, Zf, B = acc
-        wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt)
-        hz = _softcap(_pre(x, wc, bc, cfg), cfg.softcap)                     # [Tb, R, C]
-        z = (hz * it[..., None] if cfg.has_temp else hz) + madd
-        zf = _softcap(_pre(t, wc, bc, cfg), cfg.softcap) + madd               # [Tb, C]
+        _, _, _, z, zf = _chunk_logits(x, it, t, W, bias, i, cfg, cdt)
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         S = jnp.exp(m - m_new) * S + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
-        mf_new = jnp.maximum(mf, jnp.max(zf, axis=-1))
-        af = jnp.exp(mf - mf_new)
-        zfc = zf - mf_new[:, None]
-        ef = jnp.exp(zfc)
-        Zf = af * (Zf + (mf - mf_new) * Sf) + jnp.sum(ef * zfc, axis=-1)
-        Sf = af * Sf + jnp.sum(ef, axis=-1)
-        B = af[:, None] * B + jnp.einsum("tc,trc->tr", ef, z, precision=lax.Precision.HIGHEST)
+        mf_new, _, _, Sf, Zf, B = _teacher_update(mf, Sf, Zf, B, zf, z)
         return (m_new, S, mf_new, Sf, Zf, B), None
 
     acc0 = (jnp.full((Tb, R), NEG, F32), jnp.zeros((Tb, R), F32), jnp.full((Tb,), NEG, F32),
@@ -131,22 +144,12 @@ def _fwd_grad_block(x, it, t, W, bias, cfg):
 
     def step(acc, i):
         m, S, mf, Sf, Zf, B, A1, A2, D1, D2 = acc
-        wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt)
-        a = _pre(x, wc, bc, cfg)                                              # [Tb, R, C]
-        hz = _softcap(a, cfg.softcap)
-        z = (hz * it[..., None] if cfg.has_temp else hz) + madd
-        zf = _softcap(_pre(t, wc, bc, cfg), cfg.softcap) + madd               # [Tb, C]
+        wc, a, hz, z, zf = _chunk_logits(x, it, t, W, bias, i, cfg, cdt)
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         al = jnp.exp(m - m_new)
         e = jnp.exp(z - m_new[..., None])
         S = al * S + jnp.sum(e, axis=-1)
-        mf_new = jnp.maximum(mf, jnp.max(zf, axis=-1))
-        af = jnp.exp(mf - mf_new)
-        zfc = zf - mf_new[:, None]
-        ef = jnp.exp(zfc)
-        Zf = af * (Zf + (mf - mf_new) * Sf) + jnp.sum(ef * zfc, axis=-1)
-        Sf = af * Sf + jnp.sum(ef, axis=-1)
-        B = af[:, None] * B + jnp.einsum("tc,trc->tr", ef, z, precision=lax.Precision.HIGHEST)
+        mf_new, af, ef, Sf, Zf, B = _teacher_update(mf, Sf, Zf, B, zf, z)
         if cfg.softcap is not None:
             th = jnp.tanh(a * (1.0 / cfg.softcap))
             cp = 1.0 - th * th
@@ -191,12 +194,8 @@ def _bwd_block(x, it, t, W, bias, lse, lse_f, g, cfg):
 
     def step(acc, i):
         dx, dit = acc
-        wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt)
-        a = _pre(x, wc, bc, cfg)                                              # [Tb, R, C]
-        hz = _softcap(a, cfg.softcap)
-        z = (hz * it[..., None] if cfg.has_temp else hz) + madd
+        wc, a, hz, z, zf = _chunk_logits(x, it, t, W, bias, i, cfg, cdt)
         q = jnp.exp(z - lse[..., None])
-        zf = _softcap(_pre(t, wc, bc, cfg), cfg.softcap) + madd
         pf = jnp.exp(zf - lse_f[:, None])
         gz = g[..., None] * (q - pf[:, None, :])                              # 0 on masked columns
         if cfg.has_temp:
