@@ -60,10 +60,15 @@ def test_tuned_lens_package_format_matches_torch_by_hand(tiny, tmp_path):
     n, d = model.spec.n_layers, model.spec.d_model
     sd = _write_tuned_lens_package(str(tmp_path / "tl"), n, d)
     lens = jaxlens.load_lens(str(tmp_path / "tl"), model=model)
-    # an unbound lens (no model given) takes the model's final norm inside lens_stats: same numbers
-    unbound = jaxlens.lens_stats(model, fw, lens=jaxlens.load_lens(str(tmp_path / "tl")), top_k=0, cosine=False)
+    # an unbound lens (no model given) takes the model's final norm inside lens_stats (lens.normalise binds
+    # it): the same numbers as the bound lens
+    free = jaxlens.load_lens(str(tmp_path / "tl"))
+    assert lens.bound and not free.bound
+    unbound = jaxlens.lens_stats(model, fw, lens=free, top_k=0, cosine=False)
     bound = jaxlens.lens_stats(model, fw, lens=lens, top_k=0, cosine=False)
-    np.testing.assert_array_equal(np.asarray(unbound.entropy_bits), np.asarray(bound.entropy_bits))
+    for field in ("entropy_bits", "kl_to_final_bits", "kl_final_to_layer_bits", "lse"):
+        np.testing.assert_array_equal(np.asarray(getattr(unbound, field)), np.asarray(getattr(bound, field)))
+    assert not free.bound                                # lens_stats bound a copy, not the caller's lens
 
     with torch.no_grad():
         out = tm(torch.as_tensor(tiny["ids"]), output_hidden_states=True)

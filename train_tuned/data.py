@@ -167,8 +167,12 @@ class FileData:
 class HFStreamData:
     """A Hugging Face ``datasets`` streaming source ``hf:NAME[:CONFIG][@SPLIT]``, packed in stream order.
 
-    Resuming re-streams the dataset and skips the consumed sequences (deterministic as long as the
-    dataset revision is fixed). Needs ``datasets`` and network access; not exercised by the test suite.
+    Packing is the file sources': given the same documents in the same order, the sequences equal a
+    ``.jsonl`` file's with ``shuffle = false`` (whitespace-only documents are skipped, an example without a
+    string ``text_field`` is an error, as there). Resuming re-streams the dataset and skips the consumed
+    sequences (deterministic as long as the dataset revision is fixed); running out of data is an error.
+    Needs ``datasets`` and network access; the test suite exercises it offline with a stand-in
+    ``datasets.load_dataset`` (tests/test_tuned_data.py).
     """
 
     kind = "hf"
@@ -201,9 +205,23 @@ class HFStreamData:
                                        revision=self.revision)
         except Exception as e:  # noqa: BLE001
             raise JaxlensError(f"could not open dataset {self.spec} ({e.__class__.__name__}: {str(e)[:200]})")
-        docs = (ex[self.text_field] for ex in ds if isinstance(ex.get(self.text_field), str))
+        self.n_bytes = self.n_tokens_total = 0          # counted afresh on each (re-)stream
+
+        def docs():
+            for i, ex in enumerate(ds):
+                if not isinstance(ex, dict) or self.text_field not in ex:
+                    fields = ", ".join(map(str, ex)) if isinstance(ex, dict) else type(ex).__name__
+                    raise JaxlensError(f"dataset {self.spec} example {i} has no {self.text_field!r} field "
+                                       f"(it has: {fields}); pass --text-field")
+                text = ex[self.text_field]
+                if not isinstance(text, str):
+                    raise JaxlensError(f"dataset {self.spec} example {i}: field {self.text_field!r} "
+                                       "is not a string")
+                if text.strip():                         # as the file sources: blank documents are skipped
+                    yield text
+
         buf: list[int] = []
-        for toks, nb in tokenize_stream(self.tokenizer, docs, self.join_eos, batch=64):
+        for toks, nb in tokenize_stream(self.tokenizer, docs(), self.join_eos, batch=64):
             buf.extend(toks)
             self.n_bytes += nb
             self.n_tokens_total += len(toks)
@@ -215,11 +233,21 @@ class HFStreamData:
     def batch(self, position: int, count: int) -> np.ndarray:
         if self._it is None or position < self._pos:
             self._it, self._pos = self._iterator(), 0
-        while self._pos < position:
-            next(self._it)
+        rows = []
+        while self._pos < position + count:
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                self._it = None
+                raise JaxlensError(f"dataset {self.spec} ran out after {self._pos} sequences of {self.seq_len} "
+                                   f"tokens (needed {position + count})") from None
+            except BaseException:
+                self._it = None                          # a dead generator: the next call re-streams
+                raise
+            if self._pos >= position:
+                rows.append(chunk)
             self._pos += 1
-        out = np.stack([next(self._it) for _ in range(count)])
-        self._pos += count
+        out = np.stack(rows)
         if self.vocab_size is not None and out.max() >= self.vocab_size:
             raise JaxlensError(f"the tokenizer produced id {int(out.max())}, outside the model's vocabulary")
         return out
