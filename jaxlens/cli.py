@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -48,15 +49,15 @@ def _cmd_probe(args) -> int:
             print(f"[jaxlens] {msg}", file=sys.stderr, flush=True)
 
     suite = load_suite(args.suite)
-    if args.tuned:
+    tuned = args.tuned
+    if tuned not in ("auto", "off", "require") and not os.path.isdir(os.path.expanduser(tuned)):
         from .errors import JaxlensError
 
-        raise JaxlensError("jaxlens probe --tuned is not wired into the probe yet; evaluate the lens with "
-                           "jaxlens eval-lens, or decode it with jaxlens.lens_stats(model, fw, jaxlens.load_lens(DIR))")
+        raise JaxlensError(f"--tuned {tuned}: no such lens directory (or use auto, off, require)")
     say(f"loading {args.model} ({args.dtype})")
     model = load_model(args.model, dtype=args.dtype)
     quirks = ReferenceQuirks.reference() if args.reference_quirks else None
-    result = run_probe(model, suite=suite, out_dir=args.out, quirks=quirks, progress=say)
+    result = run_probe(model, suite=suite, out_dir=args.out, quirks=quirks, progress=say, tuned=tuned)
     print(result.milestones_table())
     t = result.timings
     print(f"\n{len(result.pure_rows)} pure rows, {len(result.records)} records; forward {t['forward_s']:.2f} s, "
@@ -112,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
     pr.add_argument("--suite", default="reference", help="prompt suite: 'reference' or a TOML file")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pr.add_argument("--tuned", default=None, metavar="LENS_DIR", help="a trained tuned lens to decode too")
+    pr.add_argument("--tuned", default=os.environ.get("LOGOS_TUNED", "auto"), metavar="LENS_DIR|MODE",
+                    help="a tuned lens directory (jaxlens, tuned-lens or reference format) to decode too, or a mode: "
+                    "auto (default; env LOGOS_TUNED): use tuned_lenses/<name>/ or the model's tuned_lens/ if present; "
+                    "require: the same, but fail without one; off")
     pr.add_argument("--reference-quirks", action="store_true",
                     help="reproduce the reference's known bugs (Q1, N1, Q3, Q5, Q13, N2; docs/reference_bugs.md) "
                          "instead of fixing them")

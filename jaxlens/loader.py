@@ -24,6 +24,7 @@ from .spec import ArchSpec, spec_from_config
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "demo")
+DEMO_TUNED_LENS_DIR = os.path.join(DEMO_DIR, "tuned_lens")   # a trained tuned lens for the demo (RECIPE.md)
 _HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
               "pytorch_model.bin.index.json", "flax_model.msgpack", "tokenizer*", "special_tokens_map.json",
               "vocab.json", "merges.txt", "generation_config.json", "*.model"]

@@ -119,12 +119,20 @@ class ReferenceQuirks:
     #: N2: the raw/consecutive top-50 Jaccards written into the pure rows of every pos pass are those of
     #: the last pos pass with the same variant (the control keeps its own).
     n2_jaccard_writeback_by_variant: bool = False
+    #: Q2: the tuned audit (variants, positions, head mismatch, audit summary) describes the last pos pass of
+    #: the primary variant (the reference overwrote it in every such pass), not the primary fact.
+    q2_tuned_audit_last_fact: bool = False
+    #: Q9: "skip the last m blocks" decodes lens layer n-m+1 (so only m-1 blocks are skipped).
+    q9_skip_layer_index: bool = False
+    #: N3: prefer_tuned's rank rule accepts a gain of 0 layers when round(0.05 n) == 0 (models under 10 layers).
+    n3_prefer_tuned_gain_zero: bool = False
 
     @classmethod
     def reference(cls) -> "ReferenceQuirks":
         return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True, q3_position_window_last_only=True,
                    q5_raw_sample_summary_once=True, q13_forward_jaccard_top5=True,
-                   n2_jaccard_writeback_by_variant=True)
+                   n2_jaccard_writeback_by_variant=True, q2_tuned_audit_last_fact=True, q9_skip_layer_index=True,
+                   n3_prefer_tuned_gain_zero=True)
 
 
 # ==============================================================================================

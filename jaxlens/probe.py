@@ -33,6 +33,7 @@ import numpy as np
 from . import diagnostics as D
 from . import gold as gold_mod
 from . import metrics as M
+from . import probe_tuned as PT
 from .errors import JaxlensError
 from .lens import lens_stats
 from .suite import Suite, load_suite
@@ -58,6 +59,13 @@ FIXED_REFERENCE_BUGS = {
            "--reference-quirks restores the reference",
     "N2": "each pure row carries its own pass's raw/consecutive top-50 Jaccards (reference: every pos row of a "
           "variant shows the last fact's values); --reference-quirks restores the reference",
+    # tuned lens (jaxlens.probe_tuned)
+    "Q2": "the tuned audit (variants, positions, head mismatch, audit summary) describes the primary fact "
+          "(reference: the last pos/orig pass, Canada); --reference-quirks restores the reference",
+    "Q9": "skip-layers sanity at m decodes layer n-m, i.e. really skips m blocks (reference: layer n-m+1); "
+          "--reference-quirks restores the reference",
+    "N3": "prefer_tuned's rank rule needs the tuned lens to reach rank <= 5 at least one layer earlier "
+          "(reference: a gain of 0 passes on models with < 10 layers); --reference-quirks restores the reference",
 }
 
 
@@ -91,6 +99,7 @@ class ProbeResult:
     timings: dict
     paths: list = dataclasses.field(default_factory=list)
     sidecars: dict = dataclasses.field(default_factory=dict)    # csv kind -> rows (raw lens, milestones, audit)
+    tuned: Any = None                                            # probe_tuned.TunedResult when a tuned lens ran
 
     def milestones_table(self) -> str:
         return milestones_table(self)
@@ -173,13 +182,24 @@ def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
     """``diag_cols``: per pass, the pure columns of the diagnostics decode stage
     (:attr:`jaxlens.diagnostics.DecodeDiagnostics.pure_columns`: kl_to_final_bits_norm_temp, the raw /
     consecutive top-50 Jaccards, resid_norm_ratio, delta_resid_cos); blank without it."""
+    return lens_pass_metrics(model, suite, inputs, dec, dec["last"], dec["allpos"], decode, lens="norm",
+                             quirks=quirks, diag_cols=diag_cols)
+
+
+def lens_pass_metrics(model, suite: Suite, inputs: list, dec: dict, last, allpos, decode, *, lens: str,
+                      quirks: M.ReferenceQuirks = M.ReferenceQuirks(), diag_cols: list | None = None) -> list:
+    """Pure next-token columns, the per-pass summary and the records rows of every pass for one lens.
+
+    ``last``: the lens's last-position :class:`~jaxlens.lens.LensStats` (numpy; gathered logits at
+    ``dec["last_kwargs"]["gather_ids"]``, rows returned); ``allpos``: its all-positions stats. Both carry
+    the same layers (0..n for the norm lens, 1..n for the tuned lens); ``lens`` tags the summary keys.
+    """
     spec = model.spec
     n = spec.n_layers
     V = spec.vocab_size
     th = suite.thresholds
     W = np.asarray(model.unembedding()[0], np.float32)
-    last = dec["last"]
-    allpos = dec["allpos"]
+    layers = [int(x) for x in last.layers]
     logits = np.asarray(dec["fw"].logits)
     results = []
     for b, p in enumerate(inputs):
@@ -195,7 +215,7 @@ def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
             top_scores = np.log(top_probs.astype(np.float64)) + lse[:, None]
         pv = dec["prompt_vocab"][b]
         prompt_probs = np.exp(gl[:, 2:2 + len(pv)].astype(np.float64) - lse[:, None])
-        rows = last.rows[:, b, 0].astype(np.float32)                 # h_geom [R, d]
+        rows = last.rows[:, b, 0].astype(np.float32)                 # h_geom [R, d] (before any temperature)
         cos_answer, cos_prompt = M.geom_cosines(rows, W, gid, pv)
         control = None
         if p.spec.is_control:
@@ -212,9 +232,9 @@ def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
             cos_to_final=last.cos_to_final[:, b, 0], cos_to_answer=cos_answer, cos_to_prompt=cos_prompt,
             prompt_probs=prompt_probs, prompt_vocab_ids=pv, control_probs=control,
             kl_to_final_bits_norm_temp=extra.pop("kl_to_final_bits_norm_temp", None),
-            layers=list(range(n + 1)), lens="norm", thresholds=th, pure_top_k=suite.records.pure_top_k, pos=t)
+            layers=layers, lens=lens, thresholds=th, pure_top_k=suite.records.pure_top_k, pos=t)
         cols.update(extra)
-        summary = M.summarize_pass(cols, n_layers=n, lens="norm", p_uniform=1.0 / V, thresholds=th,
+        summary = M.summarize_pass(cols, n_layers=n, lens=lens, p_uniform=1.0 / V, thresholds=th,
                                    quirks=quirks)
         records = _records_rows(p, allpos, b, decode, suite)
         results.append(PassResult(inp=p, pure=cols, summary=summary, records=records))
@@ -229,15 +249,15 @@ def _records_rows(p: PassInput, allpos, b: int, decode, suite: Suite) -> list:
     tpr = allpos.top_probs[:, b, :T]
     base = _pass_keys(p.spec)
     rows = []
-    for layer in range(ent.shape[0]):
+    for i, layer in enumerate(int(x) for x in allpos.layers):
         for t in range(T):
             k = kv if p.verbose[t] else kd
-            row = dict(base, layer=layer, pos=t, token=p.token_strs[t], entropy=float(ent[layer, t]),
-                       entropy_bits=float(ent[layer, t]))
-            for i in range(k):
-                row[f"top{i + 1}"] = decode(int(tid[layer, t, i]))
-                row[f"prob{i + 1}"] = float(tpr[layer, t, i])
-            row["rest_mass"] = float(M.rest_mass(tpr[layer, t, :k]))
+            row = dict(base, layer=layer, pos=t, token=p.token_strs[t], entropy=float(ent[i, t]),
+                       entropy_bits=float(ent[i, t]))
+            for j in range(k):
+                row[f"top{j + 1}"] = decode(int(tid[i, t, j]))
+                row[f"prob{j + 1}"] = float(tpr[i, t, j])
+            row["rest_mass"] = float(M.rest_mass(tpr[i, t, :k]))
             rows.append(row)
     return rows
 
@@ -303,9 +323,11 @@ def _jaxlib_version():
 
 
 def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits: dict,
-             quirks: M.ReferenceQuirks = M.ReferenceQuirks(), dg: "D.DiagnosticsResult | None" = None) -> tuple:
+             quirks: M.ReferenceQuirks = M.ReferenceQuirks(), dg: "D.DiagnosticsResult | None" = None,
+             tuned_source: "PT.TunedSource | None" = None, tuned: "PT.TunedResult | None" = None) -> tuple:
     """Records, pure rows and the JSON document; ``dg`` (the diagnostics stage's result) adds the
-    diagnostics blocks at their reference positions (left out without it)."""
+    diagnostics blocks at their reference positions (left out without it); ``tuned_source`` / ``tuned``
+    the tuned lens's status and blocks (status "disabled" without them)."""
     sec = (lambda name: dg.json(name)) if dg is not None else (lambda name: {})
     spec = model.spec
     n = spec.n_layers
@@ -378,9 +400,11 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
     diag.update(sec("run"))                              # forward-of-two, last-layer consistency, norm-temp KLs
     diag["gold_alignment_rate"] = gold_mod.gold_alignment_rate(gold_prompts)
     diag["gold_alignment_prompts"] = gold_prompts
-    tuned = {"status": "disabled", "mode": "off", "path": None}
+    src = tuned_source or PT.TunedSource(mode="off", status="disabled")
     if dg is not None:
-        diag["tuned_lens"] = tuned
+        diag["tuned_lens"] = dict(src.status_block(), **({"summaries": tuned.json_block["summaries"]} if tuned else {}))
+        if tuned is not None:
+            diag.update(tuned.diag_block)                # *_tuned mirrors, skip-layers sanity
         diag.update(sec("post"))                         # confirmed semantics, artefact-score config
         diag["micro_suite"] = micro
         diag.update(sec("tail"))                         # position window, norm trajectory
@@ -409,15 +433,17 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
         "control_prompt": {"context_prompt": ctl.inp.spec.text, "gold_answer": ctl.inp.gold.gold_answer(),
                            "gold_alignment": ctl.inp.gold.alignment()},
         "control_summary": control_sum,
-        "tuned_lens": tuned,
+        "tuned_lens": tuned.json_block if tuned is not None else src.status_block(),
         "summary": summary,
         "micro_suite": {"facts": micro.get("facts"), "aggregates": micro.get("aggregates")},
         "gold_answer": prim.inp.gold.gold_answer(),
     }
     if dg is not None:
         names = output_names(model.name)
-        files = {"pure_csv": names["pure"], "tuned_pure_csv": None, "rawlens_full_csv": names["rawlens"],
-                 "tuned_variants_csv": None, "positions_audit_csv": None}
+        t = tuned is not None
+        files = {"pure_csv": names["pure"], "tuned_pure_csv": names["pure_tuned"] if t else None,
+                 "rawlens_full_csv": names["rawlens"], "tuned_variants_csv": names["tuned_variants"] if t else None,
+                 "positions_audit_csv": names["positions_audit"] if t else None}
         ga = doc.pop("gold_answer")
         doc["measurement_guidance"] = dg.top_level["measurement_guidance"]
         doc["evaluation_pack"] = dg.evaluation_pack(micro, files)
@@ -432,7 +458,9 @@ def _fixed_bugs(quirks: M.ReferenceQuirks) -> dict:
     if quirks.copy_stability_key_bug:
         out.pop("N1")
     for flag, key in (("q3_position_window_last_only", "Q3"), ("q5_raw_sample_summary_once", "Q5"),
-                      ("q13_forward_jaccard_top5", "Q13"), ("n2_jaccard_writeback_by_variant", "N2")):
+                      ("q13_forward_jaccard_top5", "Q13"), ("n2_jaccard_writeback_by_variant", "N2"),
+                      ("q2_tuned_audit_last_fact", "Q2"), ("q9_skip_layer_index", "Q9"),
+                      ("n3_prefer_tuned_gain_zero", "N3")):
         if getattr(quirks, flag, False):
             out.pop(key)
     return out
@@ -464,7 +492,11 @@ def final_head_probes(model, suite: Suite, decode) -> dict:
 # diagnostics sidecar CSVs: output_names key -> CSV kind (= file suffix); written when they have rows (the
 # raw full sweep always has; the milestones / artefact audit whenever the evaluation pack was built)
 SIDECARS = {"rawlens": "pure-next-token-rawlens", "rawlens_window": "pure-next-token-rawlens-window",
-            "milestones": "milestones", "artifact_audit": "artifact-audit"}
+            "milestones": "milestones", "artifact_audit": "artifact-audit",
+            # tuned lens (written when a tuned lens was decoded)
+            "records_tuned": "records-tuned", "pure_tuned": "pure-next-token-tuned",
+            "tuned_variants": "pure-next-token-tuned-variants", "positions_audit": "positions-tuned-audit"}
+_WITH_COPY_FLAGS = {"pure-next-token-tuned"}
 
 
 def output_names(name: str) -> dict:
@@ -485,7 +517,8 @@ def write_outputs(result: ProbeResult, out_dir: str) -> list:
         for key, kind in SIDECARS.items():
             rows = result.sidecars.get(kind)
             if rows:
-                out.csv(names[key], kind, rows)
+                flags = result.json.get("copy_flag_columns") if kind in _WITH_COPY_FLAGS else None
+                out.csv(names[key], kind, rows, copy_flag_columns=flags)
         out.json(names["json"], result.json)
     return list(out.paths)
 
@@ -495,10 +528,12 @@ def milestones_table(result: ProbeResult) -> str:
             "first_kl_below_0.5", "first_kl_below_1.0"]
     head = ["pass"] + cols
     lines = []
-    for res in result.passes:
-        p = res.inp.spec
-        label = f"{p.fact_key or p.answer + ' (control)'} / {p.variant}"
-        lines.append([label] + ["-" if res.summary.get(c) is None else str(res.summary.get(c)) for c in cols])
+    groups = [("", result.passes)] + ([(" (tuned)", result.tuned.passes)] if result.tuned is not None else [])
+    for tag, passes in groups:
+        for res in passes:
+            p = res.inp.spec
+            label = f"{p.fact_key or p.answer + ' (control)'} / {p.variant}{tag}"
+            lines.append([label] + ["-" if res.summary.get(c) is None else str(res.summary.get(c)) for c in cols])
     widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
@@ -506,12 +541,13 @@ def milestones_table(result: ProbeResult) -> str:
 
 def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = "runs/latest",
               quirks: M.ReferenceQuirks | None = None, progress=None, raw_lens_mode: str | None = None,
-              repeat_forward: str | None = None, tuned: "D.TunedInputs | None" = None) -> ProbeResult:
+              repeat_forward: str | None = None, tuned=None) -> ProbeResult:
     """Run the probe on a loaded model (or a source string); write the outputs unless out_dir is None.
 
     ``raw_lens_mode`` ("sample" / "full" / "off", env LOGOS_RAW_LENS) and ``repeat_forward`` ("auto" /
-    "always" / "off", env LOGOS_REPEAT_FORWARD) are the reference's diagnostics knobs; ``tuned`` is an
-    optional :class:`jaxlens.diagnostics.TunedInputs` (tuned-lens status "disabled" without it).
+    "always" / "off", env LOGOS_REPEAT_FORWARD) are the reference's diagnostics knobs. ``tuned``: None or
+    "off" (no tuned lens), "auto" (a lens from :func:`jaxlens.probe_tuned.default_locations` if one exists),
+    "require", a lens directory, or a loaded lens (:func:`jaxlens.load_lens`).
     """
     from .loader import load_model
 
@@ -526,6 +562,7 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
     np.random.seed(SEED)
     decode = gold_mod.token_decoder(model.tokenizer)
     say(f"{model!r}")
+    tsrc = PT.resolve(model, tuned, say)              # before any model work: a bad --tuned fails fast
     inputs = prepare(model, suite)
     bad = [p for p in inputs if not p.gold.ok]
     for p in bad:
@@ -541,21 +578,37 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
     say(f"diagnostics decode (raw-vs-norm, norm temperatures, re-decode) {t_pm - t_dd:.2f} s")
     results = pass_metrics(model, suite, inputs, dec, decode, quirks, diag_cols=dd.pure_columns)
     t_rd = time.perf_counter()
+    tres = None
+    if tsrc.status == "loaded":
+        tres = PT.run_tuned(model, suite, inputs, dec, results, dd, decode, tsrc, quirks)
+        say(f"tuned lens {tsrc.path}: decode {tres.timings['tuned_decode_s']:.2f} s, audit "
+            f"{tres.timings['tuned_audit_s'] + tres.timings['tuned_skip_s']:.2f} s")
+    elif tsrc.status == "missing":
+        say(f"no tuned lens found for {model.name} (looked in {', '.join(PT.default_locations(model))}); "
+            "tuned outputs skipped")
+    t_tu = time.perf_counter()
 
     def rerun():  # the forward-of-two gate: the identical batched forward and decode again, primary pass
         dec2 = dict(dec, fw=model.forward(dec["ids"], dec["mask"]))
         dec2["last"], dec2["raw_last"] = D.last_position_stats(model, dec2["fw"], **dec["last_kwargs"])
         return pass_metrics(model, suite, inputs[:1], dec2, decode, quirks)[0], dec2["last"]
 
-    dg = D.run_diagnostics(model, suite, inputs, results, dec, dd, decode, quirks, options=options, tuned=tuned,
-                           rerun=rerun)
+    dg = D.run_diagnostics(model, suite, inputs, results, dec, dd, decode, quirks, options=options,
+                           tuned=None if tres is None else tres.inputs, rerun=rerun)
     t_fh = time.perf_counter()
     heads = final_head_probes(model, suite, decode)
-    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks, dg)
-    timings = dict(dec["timings"], metrics_s=t_rd - t_pm, diagnostics_s=(t_pm - t_dd) + (t_fh - t_rd),
-                   final_head_s=time.perf_counter() - t_fh, total_s=time.perf_counter() - t_start)
+    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks, dg, tsrc, tres)
+    timings = dict(dec["timings"], metrics_s=t_rd - t_pm, tuned_s=t_tu - t_rd,
+                   diagnostics_s=(t_pm - t_dd) + (t_fh - t_tu), final_head_s=time.perf_counter() - t_fh,
+                   total_s=time.perf_counter() - t_start)
+    sidecars = dict(dg.sidecars)
+    if tres is not None:
+        sidecars["records-tuned"] = [r for res in tres.passes for r in res.records]
+        sidecars["pure-next-token-tuned"] = [r for res in tres.passes
+                                             for r in pure_rows(res, decode, suite.records.pure_top_k)]
+        sidecars.update(tres.sidecars)
     result = ProbeResult(model_name=model.name, json=doc, records=records, pure_rows=pure, passes=results,
-                         timings=timings, sidecars=dg.sidecars)
+                         timings=timings, sidecars=sidecars, tuned=tres)
     if out_dir is not None:
         result.paths = write_outputs(result, out_dir)
         say(f"wrote {len(result.paths)} files to {out_dir}")

@@ -1,4 +1,5 @@
-"""The bundled demo model (jaxlens/demo/): loads, answers the probe's facts, matches transformers-PyTorch.
+"""The bundled demo model (jaxlens/demo/): loads, answers the probe's facts, matches transformers-PyTorch;
+its bundled tuned lens (jaxlens/demo/tuned_lens/) beats the logit lens on held-out text.
 
 It is produced by ``python -m jaxlens.demo_train`` from ``configs/demo_model.toml``; see jaxlens/demo/RECIPE.md.
 """
@@ -11,7 +12,7 @@ import pytest
 
 import jaxlens
 from jaxlens import demo_corpus
-from jaxlens.loader import DEMO_DIR
+from jaxlens.loader import DEMO_DIR, DEMO_TUNED_LENS_DIR
 
 FACTS = demo_corpus.PROBE_FACTS
 
@@ -142,3 +143,38 @@ def test_corpus_deterministic():
     card = json.load(open(os.path.join(DEMO_DIR, "card.json")))
     full = demo_corpus.generate(card["seed"], card["corpus"]["n_docs"])
     assert demo_corpus.text_sha256(full) == card["corpus"]["sha256"]
+
+
+def test_bundled_tuned_lens(model, tmp_path):
+    """jaxlens/demo/tuned_lens/ (RECIPE.md, "Tuned lens"): a tuned-lens-family lens for this model whose
+    KL(final || lens) on held-out text (a seed neither the model nor the lens trained on) is below the logit
+    lens's at every layer but the last (where both are the model's own output)."""
+    from train_tuned.evaluate import evaluate_lens
+
+    files = sorted(os.listdir(DEMO_TUNED_LENS_DIR))
+    assert files == ["lens.safetensors", "lens_card.json"]
+    assert sum(os.path.getsize(os.path.join(DEMO_TUNED_LENS_DIR, f)) for f in files) <= 2**20
+    card = json.load(open(os.path.join(DEMO_TUNED_LENS_DIR, "lens_card.json")))
+    assert card["format"] == "jaxlens-tuned-lens" and card["family"] == "tuned-lens"
+    assert card["n_layers"] == 8 and card["d_model"] == 128
+    assert card["model"]["id"] == "demo" and card["training"]["complete"]
+    assert card["recipe"]["name"] == "tuned-lens" and card["data"]["sha256"]
+    assert not any(os.path.isabs(str(p)) for p in (card["recipe"]["path"], card["data"]["path"]))
+    demo_card = json.load(open(os.path.join(DEMO_DIR, "card.json")))["tuned_lens"]
+    h = hashlib.sha256(open(os.path.join(DEMO_TUNED_LENS_DIR, "lens.safetensors"), "rb").read()).hexdigest()
+    assert demo_card["lens_sha256"] == h, "tuned_lens/lens.safetensors changed without updating card.json"
+    assert demo_card["steps"] == card["training"]["steps"]
+
+    lens = jaxlens.load_lens(DEMO_TUNED_LENS_DIR, model=model)
+    n, d = model.spec.n_layers, model.spec.d_model
+    assert (lens.family, lens.n_layers, lens.d_model) == ("tuned-lens", 8, 128) == ("tuned-lens", n, d)
+    assert tuple(lens.W.shape) == (n, d, d) and tuple(lens.b.shape) == (n, d)
+
+    held = tmp_path / "heldout.txt"
+    held.write_text("\n\n".join(demo_corpus.generate(seed=3, n_docs=200)))
+    res = evaluate_lens(model, lens, str(held), max_tokens=16 * 128, batch_seqs=8, progress=False)
+    assert res["data"]["tokens_evaluated"] == 16 * 128
+    logit, tuned = np.asarray(res["logit"]["kl_nats"]), np.asarray(res["tuned"]["kl_nats"])
+    assert (tuned[:n] < logit[:n]).all(), f"held-out KL nats, logit {logit.round(4)} vs tuned {tuned.round(4)}"
+    assert tuned[1] < 0.5 * logit[1]
+    assert abs(tuned[n]) < 1e-5 and abs(logit[n]) < 1e-5
