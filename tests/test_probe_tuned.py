@@ -445,3 +445,19 @@ def test_skip_sanity_and_head_mismatch_by_hand():
     h = head_mismatch(2.0 * zf, zf, 1.23)                   # lens logits twice too sharp: tau* = 2
     assert h["tau_star_modelcal"] == pytest.approx(2.0, abs=0.03)
     assert h["kl_bits_tuned_final_after_tau_star"] < 1e-3 and h["kl_bits_tuned_final"] == 1.23
+
+
+def test_provenance_snapshot_reproduces_reference():
+    """The reference's own provenance.json -> its published provenance_snapshot (Qwen3-14B skeleton)."""
+    from jaxlens.probe_tuned import provenance_snapshot
+
+    skel = json.loads((REF_DIR / "output-Qwen3-14B.skeleton.json").read_text(encoding="utf-8"))["tuned_lens"]
+    prov = json.loads(json.dumps(skel["provenance"]))
+    prov["translator"]["temperatures"] = [0.5, 0.7, 0.6, 1.0, 0.9]           # (the skeleton elides the list)
+    snap = provenance_snapshot(prov, lens=None)
+    want = dict(skel["provenance_snapshot"])
+    assert list(snap) == list(want)
+    for k in want:
+        if k != "temperatures_stats":
+            assert snap[k] == want[k], k
+    assert snap["temperatures_stats"] == pytest.approx({"min": 0.5, "p25": 0.6, "p50": 0.7, "p75": 0.9, "max": 1.0})
