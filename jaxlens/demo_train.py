@@ -417,6 +417,29 @@ def write_recipe_md(out: str, card: dict) -> None:
         fh.write("\n".join(lines))
 
 
+def _tuned_lens_records(out: str) -> dict:
+    """What a regeneration keeps: ``card.json["tuned_lens"]``, the RECIPE.md section "## Tuned lens" (to the
+    next level-2 heading), and the old weights' sha256 (to tell whether the lens still fits)."""
+    kept = {"card": None, "recipe": "", "sha256": None}
+    try:
+        with open(os.path.join(out, "card.json")) as f:
+            old = json.load(f)
+        kept["card"] = old.get("tuned_lens")
+        kept["sha256"] = old.get("model_sha256")
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(out, "RECIPE.md")) as f:
+            text = f.read()
+    except OSError:
+        return kept
+    i = text.find("\n## Tuned lens")
+    if i >= 0:
+        j = text.find("\n## ", i + 1)
+        kept["recipe"] = text[i + 1:] if j < 0 else text[i + 1:j + 1]
+    return kept
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxlens.demo_train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: jaxlens/demo/)")
@@ -458,6 +481,7 @@ def main(argv=None) -> int:
     state = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
 
     os.makedirs(args.out, exist_ok=True)
+    kept = _tuned_lens_records(args.out)          # the bundled tuned lens's card entry and RECIPE section
     for stale in ("model.safetensors", "card.json", "RECIPE.md", "special_tokens_map.json"):
         p = os.path.join(args.out, stale)
         if os.path.exists(p):
@@ -505,10 +529,18 @@ def main(argv=None) -> int:
         "eval": ev,
     }
     card["corpus"].pop("docs_trained_per_epoch_fraction")
+    if kept["card"] is not None:
+        card["tuned_lens"] = kept["card"]
     with open(os.path.join(args.out, "card.json"), "w") as f:
         json.dump(card, f, indent=1)
         f.write("\n")
     write_recipe_md(args.out, card)
+    if kept["recipe"]:
+        with open(os.path.join(args.out, "RECIPE.md"), "a") as fh:
+            fh.write("\n" + kept["recipe"])
+    if kept["sha256"] is not None and kept["sha256"] != card.get("model_sha256"):
+        log("warning: the weights changed, so the bundled tuned lens (tuned_lens/) no longer fits them: retrain "
+            "it with the commands in RECIPE.md, section 'Tuned lens'")
     for r in facts:
         log(f"{r['variant']:9s} {r['gold']:7s} top1={r['top1']!r:10s} p={r['p_gold']:.3f} "
             f"first_rank1={r['first_rank1_layer']} ranks={r['norm_lens_gold_rank']}")
