@@ -461,3 +461,28 @@ def test_provenance_snapshot_reproduces_reference():
         if k != "temperatures_stats":
             assert snap[k] == want[k], k
     assert snap["temperatures_stats"] == pytest.approx({"min": 0.5, "p25": 0.6, "p50": 0.7, "p75": 0.9, "max": 1.0})
+
+
+def test_default_demo_probe_uses_bundled_lens(tmp_path, monkeypatch, capsys):
+    """The README's main command: `jaxlens probe` on the demo finds the bundled tuned lens (auto) and the
+    trained lens beats the norm lens at every intermediate layer of the primary pass."""
+    from jaxlens.cli import main
+    from jaxlens.loader import DEMO_TUNED_LENS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["probe", "--quiet"]) == 0
+    out = tmp_path / "runs" / "latest"
+    assert len(list(out.iterdir())) == 11
+    doc = json.loads((out / "output-demo.json").read_text(encoding="utf-8"))
+    assert doc["tuned_lens"]["status"] == "loaded"
+    assert doc["tuned_lens"]["path"] == os.path.abspath(DEMO_TUNED_LENS_DIR)
+    assert doc["diagnostics"]["tuned_lens"]["mode"] == "auto"
+    rows = list(csv.DictReader(open(out / "output-demo-pure-next-token.csv", newline="", encoding="utf-8")))
+    trows = list(csv.DictReader(open(out / "output-demo-pure-next-token-tuned.csv", newline="", encoding="utf-8")))
+    prim = lambda rs: {int(r["layer"]): float(r["kl_to_final_bits"]) for r in rs  # noqa: E731
+                       if r["prompt_id"] == "pos" and r["prompt_variant"] == "orig" and r["fact_index"] == "0"}
+    norm, tuned = prim(rows), prim(trows)
+    assert sorted(tuned) == list(range(1, 9))
+    for layer in range(1, 8):
+        assert tuned[layer] < norm[layer], (layer, tuned[layer], norm[layer])
+    assert "(tuned)" in capsys.readouterr().out
