@@ -21,6 +21,9 @@ with current torch / transformers), through its CLI entry point ``tuned_lens.__m
 * ``tuned-lens (batch 8, fp32)``  additionally with autocast disabled (a modification, labelled as such:
                             bf16 matmuls are slow on CPUs without native bf16);
 * ``jaxlens``               ``jaxlens train-lens --recipe tuned-lens`` (fp32 model, fp32 lens parameters).
+* ``jaxlens (bf16 lens GEMMs)``  with ``--jaxlens-bf16``: the same plus ``--lens-matmul bfloat16`` (bf16 operands
+                            of the vocabulary GEMMs, fp32 accumulation, statistics and parameters: the
+                            precision the package's autocast gives its lens and loss).
 
 Throughput = tokens per second (wall clock) in steady state: the first optimizer step (jaxlens: XLA compile;
 torch: warm-up) is excluded. Contestants run interleaved ``--repeats`` times; the best and the median are
@@ -102,11 +105,11 @@ def _pin(a) -> tuple[list, dict]:
     return ["taskset", "-c", a.cpus], {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
 
-def run_jaxlens(ckpt, data, out, a) -> dict:
+def run_jaxlens(ckpt, data, out, a, extra=(), name="jaxlens") -> dict:
     pre, penv = _pin(a)
     cmd = pre + [sys.executable, "-m", "jaxlens", "train-lens", "--model", ckpt, "--data", data, "--out", out,
            "--steps", str(a.steps), "--tokens-per-step", str(a.tokens_per_step), "--seq-len", str(a.seq_len),
-           "--recipe", "tuned-lens", "--checkpoint-every", str(a.steps), "--quiet"]
+           "--recipe", "tuned-lens", "--checkpoint-every", str(a.steps), "--quiet"] + list(extra)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **penv))
     wall = time.perf_counter() - t0
@@ -114,7 +117,7 @@ def run_jaxlens(ckpt, data, out, a) -> dict:
         raise SystemExit(f"jaxlens failed:\n{p.stderr[-3000:]}")
     card = json.load(open(os.path.join(out, "lens_card.json")))
     s = card["last_session"]
-    return {"name": "jaxlens", "tokens_per_second": s["tokens_per_second"],
+    return {"name": name, "tokens_per_second": s["tokens_per_second"],
             "tokens_per_cpu_second": s["steps_timed"] * card["training"]["tokens_per_step"] / s["cpu_seconds"],
             "first_step_seconds": s["first_step_seconds"],
             "steady_seconds_per_step": s["seconds"] / s["steps_timed"], "wall_seconds": wall,
@@ -177,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", default=None, help="pin both contestants to these cores (taskset list, e.g. '1'), "
                     "with as many threads")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation of the trained lenses")
+    ap.add_argument("--jaxlens-bf16", action="store_true",
+                    help="also run jaxlens with --lens-matmul bfloat16 (bf16 GEMM operands, fp32 accumulation and "
+                    "statistics: the precision of the package's autocast)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     os.makedirs(a.work, exist_ok=True)
@@ -185,7 +191,8 @@ def main(argv=None) -> int:
     import shutil
     import statistics
 
-    names = ("jaxlens", "tl-8", "tl-8-fp32") + (() if a.skip_batch1 else ("tl-1",))
+    names = ("jaxlens",) + (("jaxlens-bf16",) if a.jaxlens_bf16 else ()) + ("tl-8", "tl-8-fp32") + (
+        () if a.skip_batch1 else ("tl-1",))
     runs: dict[str, list] = {n: [] for n in names}
     for rep in range(a.repeats):                      # interleaved, so a load change hits every contestant
         for name in names:
@@ -193,6 +200,8 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             if name == "jaxlens":
                 r = run_jaxlens(ckpt, data, out, a)
+            elif name == "jaxlens-bf16":
+                r = run_jaxlens(ckpt, data, out, a, ("--lens-matmul", "bfloat16"), "jaxlens (bf16 lens GEMMs)")
             else:
                 batch = 1 if name == "tl-1" else 8
                 r = run_tuned_lens(a.tuned_lens_python, ckpt, data, out, a, batch, not name.endswith("fp32"), a.work)
