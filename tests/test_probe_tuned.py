@@ -371,6 +371,14 @@ def test_cli_modes(setup, capsys, tmp_path, monkeypatch):
     assert main(["probe", "--model", path, "--out", str(out), "--tuned", "require", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tuned lens" in err[0] and not out.exists()
+    # a lens for another model (one layer more): one line, no files
+    from jaxlens.tuned import save_lens
+
+    m = setup["model"]
+    wrong = save_lens(_random_lens(m.spec.n_layers + 1, m.spec.d_model), str(tmp_path / "wrong"))
+    assert main(["probe", "--model", path, "--out", str(out), "--tuned", wrong, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layers" in err[0] and not out.exists(), err
     # auto finds tuned_lenses/<name>/ in the working directory
     import shutil
 
