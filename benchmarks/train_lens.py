@@ -20,10 +20,10 @@ with current torch / transformers), through its CLI entry point ``tuned_lens.__m
 * ``tuned-lens (batch 8)``  the same with ``--per_gpu_batch_size 8``;
 * ``tuned-lens (batch 8, fp32)``  additionally with autocast disabled (a modification, labelled as such:
                             bf16 matmuls are slow on CPUs without native bf16);
-* ``jaxlens``               ``jaxlens train-lens --recipe tuned-lens`` (fp32 model, fp32 lens parameters).
-* ``jaxlens (bf16 lens GEMMs)``  with ``--jaxlens-bf16``: the same plus ``--lens-matmul bfloat16`` (bf16 operands
-                            of the vocabulary GEMMs, fp32 accumulation, statistics and parameters: the
-                            precision the package's autocast gives its lens and loss).
+* ``jaxlens``               ``jaxlens train-lens --recipe tuned-lens`` (fp32 model, fp32 lens parameters; the
+                            recipe's bf16 operands of the vocabulary GEMMs with fp32 accumulation and
+                            statistics: the precision the package's autocast gives its lens and loss).
+* ``jaxlens (fp32 lens GEMMs)``  with ``--jaxlens-fp32``: the same plus ``--lens-matmul float32``.
 
 Throughput = tokens per second (wall clock) in steady state: the first optimizer step (jaxlens: XLA compile;
 torch: warm-up) is excluded. Contestants run interleaved ``--repeats`` times; the best and the median are
@@ -180,9 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", default=None, help="pin both contestants to these cores (taskset list, e.g. '1'), "
                     "with as many threads")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation of the trained lenses")
-    ap.add_argument("--jaxlens-bf16", action="store_true",
-                    help="also run jaxlens with --lens-matmul bfloat16 (bf16 GEMM operands, fp32 accumulation and "
-                    "statistics: the precision of the package's autocast)")
+    ap.add_argument("--jaxlens-fp32", action="store_true",
+                    help="also run jaxlens with --lens-matmul float32 (the recipe default is bf16 GEMM operands)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     os.makedirs(a.work, exist_ok=True)
@@ -191,7 +190,7 @@ def main(argv=None) -> int:
     import shutil
     import statistics
 
-    names = ("jaxlens",) + (("jaxlens-bf16",) if a.jaxlens_bf16 else ()) + ("tl-8", "tl-8-fp32") + (
+    names = ("jaxlens",) + (("jaxlens-fp32",) if a.jaxlens_fp32 else ()) + ("tl-8", "tl-8-fp32") + (
         () if a.skip_batch1 else ("tl-1",))
     runs: dict[str, list] = {n: [] for n in names}
     for rep in range(a.repeats):                      # interleaved, so a load change hits every contestant
@@ -200,8 +199,8 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             if name == "jaxlens":
                 r = run_jaxlens(ckpt, data, out, a)
-            elif name == "jaxlens-bf16":
-                r = run_jaxlens(ckpt, data, out, a, ("--lens-matmul", "bfloat16"), "jaxlens (bf16 lens GEMMs)")
+            elif name == "jaxlens-fp32":
+                r = run_jaxlens(ckpt, data, out, a, ("--lens-matmul", "float32"), "jaxlens (fp32 lens GEMMs)")
             else:
                 batch = 1 if name == "tl-1" else 8
                 r = run_tuned_lens(a.tuned_lens_python, ckpt, data, out, a, batch, not name.endswith("fp32"), a.work)
