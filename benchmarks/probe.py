@@ -57,10 +57,11 @@ def bare_factory(model, suite):
 
     from jaxlens import gold as gold_mod
     from jaxlens.lens import lens_stats
-    from jaxlens.probe import _pad, prepare
+    from jaxlens.loader import pad_batch
+    from jaxlens.probe import prepare
 
     inputs = prepare(model, suite)
-    ids, mask = _pad([p.input_ids for p in inputs])
+    ids, mask = pad_batch([p.input_ids for p in inputs])
     golds = np.array([p.gold.first_id if p.gold.first_id is not None else -1 for p in inputs], np.int32)
     del gold_mod
 

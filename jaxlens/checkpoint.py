@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -168,3 +169,12 @@ def open_checkpoint(directory: str) -> TensorSource:
         shapes, getters = _flax_file(path)
         desc = chosen
     return TensorSource(shapes, lambda k: getters[k](), desc)
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,8 @@ import tomllib
 import numpy as np
 
 from . import demo_corpus
+from .checkpoint import file_sha256
+from .loader import pad_batch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo_model.toml")
@@ -299,11 +300,7 @@ def evaluate(out: str) -> dict:
     # every country, probe template: is the first token of the capital the top-1?
     prompts = [demo_corpus.PROBE_ORIG.format(country=c) for c, _, _ in demo_corpus.COUNTRIES]
     enc = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    T = max(map(len, enc))
-    ids = np.zeros((len(enc), T), np.int32)
-    mask = np.zeros((len(enc), T), np.int32)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)], mask[i, :len(e)] = e, 1
+    ids, mask = pad_batch(enc)
     logits = np.asarray(model.forward(ids, mask).logits)
     ok = 0
     wrong = []
@@ -321,12 +318,6 @@ def evaluate(out: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_recipe_md(out: str, card: dict) -> None:
@@ -493,7 +484,7 @@ def main(argv=None) -> int:
     wpath = os.path.join(args.out, "model.safetensors")
     save_file(state, wpath, metadata={"format": "pt"})
     os.chmod(wpath, 0o644)  # safetensors writes 0600
-    sha = sha256_file(wpath)
+    sha = file_sha256(wpath)
     log(f"wrote {wpath} ({os.path.getsize(wpath) / 1e6:.2f} MB), sha256 {sha}")
 
     ev = evaluate(args.out)

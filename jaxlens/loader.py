@@ -68,6 +68,17 @@ def read_config(directory: str) -> dict:
         raise JaxlensError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})")
 
 
+def pad_batch(seqs, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists for :meth:`Model.forward`: (input_ids [B, T] int32, attention_mask [B, T] int32)."""
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
 class Model:
     """A loaded checkpoint: ``spec``, ``params``, ``tokenizer``, and a jitted ``forward``."""
 

@@ -36,6 +36,7 @@ from . import metrics as M
 from . import probe_tuned as PT
 from .errors import JaxlensError
 from .lens import lens_stats
+from .loader import pad_batch
 from .suite import Suite, load_suite
 
 NEXT_TOKEN = "⟨NEXT⟩"
@@ -124,16 +125,6 @@ def prepare(model, suite: Suite) -> list:
     return out
 
 
-def _pad(seqs: list, pad_id: int = 0):
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, np.int32)
-    mask = np.zeros((len(seqs), T), np.int32)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 def _ragged(rows: list, fill=-1) -> np.ndarray:
     S = max(1, max(len(r) for r in rows))
     out = np.full((len(rows), S), fill, np.int32)
@@ -148,7 +139,7 @@ def _ragged(rows: list, fill=-1) -> np.ndarray:
 
 def run_passes(model, suite: Suite, inputs: list, decode) -> dict:
     """One forward of every pass; norm-lens stats at all positions and at the last position."""
-    ids, mask = _pad([p.input_ids for p in inputs])
+    ids, mask = pad_batch([p.input_ids for p in inputs])
     t0 = time.perf_counter()
     fw = model.forward(ids, mask)
     jax.block_until_ready(fw.logits)
@@ -474,7 +465,7 @@ def final_head_probes(model, suite: Suite, decode) -> dict:
     te = fh.temperature_exploration
     te_pass = suite.temperature_exploration_pass
     seqs.append(gold_mod.model_input_ids(tok, te_pass.text))
-    ids, mask = _pad(seqs)
+    ids, mask = pad_batch(seqs)
     fw = model.forward(ids, mask)
     lengths = mask.sum(1)
     last = np.asarray(jnp.take_along_axis(fw.logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0])

@@ -22,9 +22,9 @@ N3 (``prefer_tuned``'s rank rule needs the tuned lens to be strictly earlier).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +35,7 @@ from . import metrics as M
 from .decoder import ForwardOutput
 from .errors import JaxlensError
 from .lens import lens_stats
+from .loader import pad_batch
 
 MODES = ("auto", "off", "require")
 SKIP_MS = (2, 4, 8)
@@ -76,25 +77,15 @@ def default_locations(model) -> list:
     return out
 
 
-_LENS_FILES = ("lens_card.json", "params.pt", "weights.pt")
-
-
-def _looks_like_lens(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in _LENS_FILES)
-
-
-def read_provenance(path: str) -> Optional[dict]:
-    """The lens's own record: ``lens_card.json`` (jaxlens), ``provenance.json`` (reference) or ``config.json``
-    (tuned-lens package), whichever exists first."""
-    for name in ("lens_card.json", "provenance.json", "config.json"):
-        f = os.path.join(path, name)
-        if os.path.exists(f):
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    return json.load(fh)
-            except (OSError, ValueError):
-                return None
-    return None
+def lens_record(lens) -> Optional[dict]:
+    """The lens's own record, as :func:`jaxlens.load_lens` read it: the jaxlens ``lens_card.json``, the
+    reference's ``provenance.json`` or the tuned-lens package's ``config.json`` (None for a lens built in memory)."""
+    card = getattr(lens, "card", None) or {}
+    if "provenance" in card:
+        return card["provenance"]
+    if "tuned_lens_config" in card:
+        return card["tuned_lens_config"]
+    return card or None
 
 
 def resolve(model, tuned=None, say=None) -> TunedSource:
@@ -104,12 +95,13 @@ def resolve(model, tuned=None, say=None) -> TunedSource:
     if tuned is None or (isinstance(tuned, str) and tuned == "off"):
         return TunedSource(mode="off", status="disabled")
     if not isinstance(tuned, str):                       # a lens object
-        return TunedSource(mode="require", status="loaded", path=getattr(tuned, "path", None), lens=tuned)
+        return TunedSource(mode="require", status="loaded", path=getattr(tuned, "path", None), lens=tuned,
+                           provenance=lens_record(tuned))
     from .tuned import load_lens
 
     if tuned in ("auto", "require"):
         mode = tuned
-        found = [p for p in default_locations(model) if _looks_like_lens(p)]
+        found = [p for p in default_locations(model) if os.path.isdir(p)]
         if not found:
             where = " or ".join(default_locations(model))
             if mode == "require":
@@ -128,7 +120,7 @@ def resolve(model, tuned=None, say=None) -> TunedSource:
         say(f"warning: the tuned lens in {path} could not be used ({e}); continuing without it")
         return TunedSource(mode=mode, status="error", path=os.path.abspath(path), error=str(e))
     return TunedSource(mode=mode, status="loaded", path=os.path.abspath(path), lens=lens,
-                       provenance=read_provenance(path))
+                       provenance=lens_record(lens))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,19 +145,10 @@ class RotationOnly:
         return None
 
 
-@dataclasses.dataclass
-class TemperatureOnly:
-    """The norm lens divided by the tuned lens's temperatures (§3.6 ``temp_only``)."""
-
-    lens: Any
-    base: str = "norm"
-    name: str = "tuned_temp_only"
-
-    def translate(self, rows, layers):
-        return rows
-
-    def temperatures(self, layers):
-        return self.lens.temperatures(layers)
+def temperature_only(lens, n_layers: int) -> D.TemperedLens:
+    """The norm lens divided by the tuned lens's temperatures (§3.6 ``temp_only``; 1 where it has none)."""
+    t = lens.temperatures(np.arange(n_layers + 1))
+    return D.TemperedLens(temperature=np.ones(n_layers + 1, np.float32) if t is None else t, name="tuned_temp_only")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,16 +387,13 @@ def _skip_losses(model, suite, inputs, dec, lens, n, quirks) -> tuple:
     idx = [key.get((p.prompt_id, p.variant, p.fact_index)) for p in passes]
     if all(i is not None for i in idx):
         fw = dec["fw"]
-        golds_all = np.array([p.gold.first_id if p.gold.first_id is not None else -1 for p in inputs], np.int32)
-        sel = [i for i in idx if golds_all[i] >= 0]
-        golds = golds_all
+        golds = np.asarray(dec["last_kwargs"]["gold_ids"])             # -1 where a pass has no gold
+        sel = [i for i in idx if golds[i] >= 0]
     else:                                    # a suite whose skip prompts are not lens passes: one small forward
-        from .probe import _pad
-
         tok = model.tokenizer
         seqs = [gold_mod.model_input_ids(tok, p.text) for p in passes]
         al = [gold_mod.align_gold(tok, p.text, p.answer, pieces_k=suite.thresholds.gold.pieces_k) for p in passes]
-        ids, mask = _pad(seqs)
+        ids, mask = pad_batch(seqs)
         fw = model.forward(ids, mask)
         golds = np.array([a.first_id if a.first_id is not None else -1 for a in al], np.int32)
         sel = [i for i in range(len(passes)) if golds[i] >= 0]
@@ -423,9 +403,8 @@ def _skip_losses(model, suite, inputs, dec, lens, n, quirks) -> tuple:
     layer_of = {m: n - m + shift for m in SKIP_MS}
     want = sorted({L for L in layer_of.values() if 0 <= L <= n})
     lengths = np.asarray(fw.attention_mask).sum(1)
-    final = np.asarray(fw.logits)[np.arange(len(lengths)), lengths - 1].astype(np.float64)    # [B, V]
-    lsm = final - final.max(-1, keepdims=True)
-    lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
+    final = np.asarray(fw.logits)[np.arange(len(lengths)), lengths - 1]                       # [B, V]
+    lsm = D._log_softmax64(final)
     base = [float(-lsm[i, golds[i]]) for i in sel]
     tuned = {m: None for m in SKIP_MS}
     if want:
@@ -442,8 +421,6 @@ def _skip_losses(model, suite, inputs, dec, lens, n, quirks) -> tuple:
 def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: TunedSource,
               quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> TunedResult:
     """Every tuned-lens output of the probe (spec §3.4-3.7) for a loaded lens."""
-    import time
-
     from .probe import lens_pass_metrics
 
     t0 = time.perf_counter()
@@ -458,7 +435,7 @@ def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: Tuned
                         cosine=False).numpy()
     kw = dict(dec["last_kwargs"], positions="last")
     tuned_last, rot_last, temp_last = (s.numpy() for s in D.multi_lens_stats(
-        model, fw, (lens, RotationOnly(lens), TemperatureOnly(lens)), layers=layers, **kw))
+        model, fw, (lens, RotationOnly(lens), temperature_only(lens, n)), layers=layers, **kw))
     results = lens_pass_metrics(model, suite, inputs, dec, tuned_last, allpos, decode, lens="tuned", quirks=quirks)
     t1 = time.perf_counter()
 

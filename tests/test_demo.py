@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+import hf_factory as F
 import jaxlens
 from jaxlens import demo_corpus
 from jaxlens.loader import DEMO_DIR, DEMO_TUNED_LENS_DIR
@@ -24,11 +25,7 @@ def model():
 
 def _encode(tok, prompts):
     enc = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    T = max(map(len, enc))
-    ids = np.zeros((len(enc), T), np.int32)
-    mask = np.zeros((len(enc), T), np.int32)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)], mask[i, :len(e)] = e, 1
+    ids, mask = F.right_pad(enc, pad_id=0)
     return enc, ids, mask
 
 

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from jaxlens.checkpoint import file_sha256  # noqa: F401 - re-exported (data sources hash their files)
 from jaxlens.errors import JaxlensError
 
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
@@ -39,12 +40,6 @@ def chain_hash(prev: str, batch: np.ndarray) -> str:
     return hashlib.sha256(prev.encode("ascii") + np.ascontiguousarray(batch, np.int32).tobytes()).hexdigest()
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_documents(path: str, text_field: str = "text") -> list[str]:
