@@ -1,7 +1,7 @@
 """Compile time of the jitted forward vs depth (scan over layers keeps it flat).
 
 Usage: python benchmarks/compile_time.py [--layers 8 32 80] [--d 256] [--tokens 128] [--unroll]
-Lowers and compiles jaxlens.decoder.apply on abstract parameters (nothing is allocated) for a Llama-shaped
+Lowers and compiles jaxlens.models.decoder.apply on abstract parameters (nothing is allocated) for a Llama-shaped
 model and prints trace+lower and compile seconds per depth, and the ratio to the shallowest.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlens import decoder
-from jaxlens.spec import spec_from_config
+from jaxlens.models import decoder
+from jaxlens.models.spec import spec_from_config
 
 
 def llama_config(n_layers: int, d: int) -> dict:

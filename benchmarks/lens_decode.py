@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlens
-from jaxlens import decoder, lens as lens_mod, stream
-from jaxlens.loader import Model
-from jaxlens.spec import spec_from_config
+from jaxlens.models import decoder
+from jaxlens.lens import stats as lens_mod
+from jaxlens.lens import stream
+from jaxlens.models.loader import Model
+from jaxlens.models.spec import spec_from_config
 
 
 def timed(fn, repeats):

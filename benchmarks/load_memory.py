@@ -45,8 +45,9 @@ def main():
     a = ap.parse_args()
     from safetensors.numpy import save_file
 
-    from jaxlens import convert, decoder
-    from jaxlens.spec import spec_from_config
+    from jaxlens.models import convert
+    from jaxlens.models import decoder
+    from jaxlens.models.spec import spec_from_config
 
     cfg = {"model_type": "llama", "hidden_size": a.d, "intermediate_size": 4 * a.d, "num_hidden_layers": a.layers,
            "num_attention_heads": a.d // 64, "num_key_value_heads": a.d // 128, "vocab_size": a.vocab,

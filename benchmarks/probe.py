@@ -39,9 +39,9 @@ def random24(d: int, vocab: int, tmp: str):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import hf_factory as F
 
-    from jaxlens import decoder
-    from jaxlens.loader import Model
-    from jaxlens.spec import spec_from_config
+    from jaxlens.models import decoder
+    from jaxlens.models.loader import Model
+    from jaxlens.models.spec import spec_from_config
 
     tokdir = F.make_tokenizer(os.path.join(tmp, "random24"), vocab_size=512, bos=False)
     cfg = F.make_config("qwen3", num_hidden_layers=24, hidden_size=d, intermediate_size=3 * d,
@@ -55,10 +55,10 @@ def random24(d: int, vocab: int, tmp: str):
 def bare_factory(model, suite):
     import jax
 
-    from jaxlens import gold as gold_mod
-    from jaxlens.lens import lens_stats
-    from jaxlens.loader import pad_batch
-    from jaxlens.probe import prepare
+    from jaxlens.probe import gold as gold_mod
+    from jaxlens.lens.stats import lens_stats
+    from jaxlens.models.loader import pad_batch
+    from jaxlens.probe.passes import prepare
 
     inputs = prepare(model, suite)
     ids, mask = pad_batch([p.input_ids for p in inputs])
@@ -73,8 +73,8 @@ def bare_factory(model, suite):
 
 
 def bench(model, repeats: int, out_dir: str) -> dict:
-    from jaxlens.probe import run_probe
-    from jaxlens.suite import load_suite
+    from jaxlens.probe.pipeline import run_probe
+    from jaxlens.probe.suite import load_suite
 
     suite = load_suite("reference")
     bare = bare_factory(model, suite)

@@ -5,7 +5,7 @@ Usage:
         [--tokens-per-step 8192] [--seq-len 256] [--work /tmp/jaxlens-bench-train] [--json out.json]
 
 Both train the same tiny Llama checkpoint (d=256, 4 blocks, 4 heads, V=8003; built with tests/hf_factory.py,
-random weights) on the same JSONL file (text from jaxlens.demo_corpus, 20,000 documents) with the same
+random weights) on the same JSONL file (text from jaxlens.demo.corpus, 20,000 documents) with the same
 recipe: the package's defaults (KL(final || lens) at every position, every translator every step, SGD
 Nesterov 0.9, lr 0.1, coupled weight decay 1e-3, clip 1.0, linear decay), sequences of ``seq_len`` tokens,
 ``tokens_per_step`` tokens per step, ``steps`` steps. Both pack documents joined with EOS and shuffle the
@@ -78,7 +78,7 @@ def build(work: str) -> tuple[str, str, str]:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import hf_factory as F
 
-    from jaxlens.demo_corpus import generate
+    from jaxlens.demo.corpus import generate
 
     ckpt = os.path.join(work, "llama")
     if not os.path.exists(os.path.join(ckpt, "model.safetensors")):

@@ -1,12 +1,12 @@
 """jaxlens: layer-by-layer lenses for Hugging Face causal language models, in JAX.
 
-Public names (see shared/API.md): :func:`load_model`, :func:`lens_stats`, :func:`lens_logits`,
+Public names (README, "Python"): :func:`load_model`, :func:`lens_stats`, :func:`lens_logits`,
 :func:`load_lens`.
 """
-from .errors import JaxlensError
-from .lens import AffineLens, LensStats, lens_logits, lens_stats
-from .loader import Model, load_model
-from .tuned import load_lens, save_lens
+from jaxlens.errors import JaxlensError
+from jaxlens.lens.stats import AffineLens, LensStats, lens_logits, lens_stats
+from jaxlens.models.loader import Model, load_model
+from jaxlens.lens.tuned import load_lens, save_lens
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import time
 def _cmd_forward(args) -> int:
     import numpy as np
 
-    from .loader import load_model
+    from jaxlens.models.loader import load_model
 
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype)
@@ -39,10 +39,10 @@ def _cmd_forward(args) -> int:
 
 
 def _cmd_probe(args) -> int:
-    from .loader import load_model
-    from .metrics import ReferenceQuirks
-    from .probe import run_probe
-    from .suite import load_suite
+    from jaxlens.models.loader import load_model
+    from jaxlens.probe.metrics import ReferenceQuirks
+    from jaxlens.probe.pipeline import run_probe
+    from jaxlens.probe.suite import load_suite
 
     def say(msg):
         if not args.quiet:
@@ -51,7 +51,7 @@ def _cmd_probe(args) -> int:
     suite = load_suite(args.suite)
     tuned = args.tuned
     if tuned not in ("auto", "off", "require") and not os.path.isdir(os.path.expanduser(tuned)):
-        from .errors import JaxlensError
+        from jaxlens.errors import JaxlensError
 
         raise JaxlensError(f"--tuned {tuned}: no such lens directory (or use auto, off, require)")
     say(f"loading {args.model} ({args.dtype})")
@@ -90,9 +90,9 @@ def _cmd_train_lens(args) -> int:
 def _cmd_eval_lens(args) -> int:
     from train_tuned.evaluate import default_out, evaluate_lens, format_table
 
-    from .loader import load_model
-    from .tuned import load_lens
-    from .writers import write_json
+    from jaxlens.models.loader import load_model
+    from jaxlens.lens.tuned import load_lens
+    from jaxlens.writers import write_json
 
     model = load_model(args.model, dtype=args.dtype)
     lens = load_lens(args.lens, model=model)
@@ -107,6 +107,9 @@ def _cmd_eval_lens(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlens", description="Layer-by-layer lenses for HF causal LMs in JAX.")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the on-disk XLA compilation cache ($JAXLENS_COMPILE_CACHE, default "
+                        "$XDG_CACHE_HOME/jaxlens/xla or ~/.cache/jaxlens/xla; JAXLENS_COMPILE_CACHE=off also disables it)")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("probe", help="run the reference probe (spec/probe.md) and write its files")
     pr.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
@@ -167,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import JaxlensError
+    from jaxlens.errors import JaxlensError
+
+    if not args.no_compile_cache:
+        from jaxlens.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
 
     try:
         return args.func(args)

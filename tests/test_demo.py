@@ -1,7 +1,7 @@
 """The bundled demo model (jaxlens/demo/): loads, answers the probe's facts, matches transformers-PyTorch;
 its bundled tuned lens (jaxlens/demo/tuned_lens/) beats the logit lens on held-out text.
 
-It is produced by ``python -m jaxlens.demo_train`` from ``configs/demo_model.toml``; see jaxlens/demo/RECIPE.md.
+It is produced by ``python -m jaxlens.demo.train`` from ``configs/demo_model.toml``; see jaxlens/demo/RECIPE.md.
 """
 import hashlib
 import json
@@ -12,8 +12,8 @@ import pytest
 
 import hf_factory as F
 import jaxlens
-from jaxlens import demo_corpus
-from jaxlens.loader import DEMO_DIR, DEMO_TUNED_LENS_DIR
+from jaxlens.demo import corpus as demo_corpus
+from jaxlens.models.loader import DEMO_DIR, DEMO_TUNED_LENS_DIR
 
 FACTS = demo_corpus.PROBE_FACTS
 
@@ -42,7 +42,7 @@ def test_demo_files_and_shape(model):
     assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["dtype"] == "float32"
     card = json.load(open(os.path.join(DEMO_DIR, "card.json")))
     h = hashlib.sha256(open(os.path.join(DEMO_DIR, "model.safetensors"), "rb").read()).hexdigest()
-    assert card["model_sha256"] == h, "model.safetensors changed without re-running jaxlens.demo_train"
+    assert card["model_sha256"] == h, "model.safetensors changed without re-running jaxlens.demo.train"
 
 
 def test_tokenizer_qwen_style(model):

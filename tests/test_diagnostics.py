@@ -1,7 +1,7 @@
-"""jaxlens.diagnostics (spec §2.12-2.20, §2.23, §2.26, §2.28) against independent computations.
+"""jaxlens.probe.diagnostics (spec §2.12-2.20, §2.23, §2.26, §2.28) against independent computations.
 
 * Pure functions: hand-worked numbers (in the comments) or numpy float64 re-derivations, plus regressions
-  against the published Qwen3-14B outputs in shared/reference (skipped when absent).
+  against the published Qwen3-14B outputs in tests/data/reference.
 * The fused decodes and the pipeline: a tiny Qwen3 checkpoint whose primary gold answer is the model's own
   top-1 token (so every semantic milestone exists), recomputed in float64 from the transformers model:
   raw-lens KL / JS / L1 / entropies / Jaccards per layer, the normalisation geometry, the norm-lens
@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import tomllib
 from pathlib import Path
 
@@ -21,15 +20,13 @@ import numpy as np
 import pytest
 
 import hf_factory as F
-from jaxlens import diagnostics as D
-from jaxlens import metrics as M
+from jaxlens.probe import diagnostics as D
+from jaxlens.probe import metrics as M
+from jaxlens.lens import multi as LM
+from jaxlens.probe import summaries as SU
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-PURE_CSV = REF_DIR / "output-Qwen3-14B-pure-next-token.csv"
-SKELETON = REF_DIR / "output-Qwen3-14B.skeleton.json"
-MILESTONES_CSV = REF_DIR / "output-Qwen3-14B-milestones.csv"
-needs_ref = pytest.mark.skipif(not (PURE_CSV.exists() and SKELETON.exists()), reason="shared/reference not present")
 LN2 = math.log(2.0)
 
 
@@ -136,7 +133,7 @@ def test_calibration_grid_kernel_matches_dense_float64():
     row_pass = np.array([0, 0, 1, 1, 2, 2, 0])
     temps = D.temperature_grid(0.2, 5.0, 9)
     for cap in (None, 4.0):
-        out = D.calibration_grid_stats(h, W, zf, row_pass, temps, bias=b, softcap=cap, chunk=256)  # 4 chunks, ragged
+        out = LM.calibration_grid_stats(h, W, zf, row_pass, temps, bias=b, softcap=cap, chunk=256)  # 4 chunks, ragged
         z = h.astype(np.float64) @ W.astype(np.float64) + b
         if cap:
             z = cap * np.tanh(z / cap)
@@ -153,11 +150,10 @@ def test_calibration_grid_kernel_matches_dense_float64():
         assert (out["n_nonfinite"] == 0).all()
     h2 = h.copy()
     h2[3, 0] = np.nan
-    out = D.calibration_grid_stats(h2, W, zf, row_pass, temps, bias=b, chunk=256)    # the first kernel again
+    out = LM.calibration_grid_stats(h2, W, zf, row_pass, temps, bias=b, chunk=256)    # the first kernel again
     assert out["n_nonfinite"][3] == out["n_nan"][3] == V and (np.delete(out["n_nonfinite"], 3) == 0).all()
 
 
-@needs_ref
 def test_reference_norm_temp_snapshots_and_spikes():
     with open(PURE_CSV, newline="", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(fh) if r["prompt_id"] == "pos" and r["prompt_variant"] == "orig"
@@ -202,7 +198,7 @@ def test_norm_trajectory_shapes_on_synthetic_series():
 
 
 def test_resid_geometry_layer_map_and_sources():
-    from jaxlens.spec import spec_from_config
+    from jaxlens.models.spec import spec_from_config
 
     h = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)
     g = np.array([[6.0, 8.0], [0.0, 2.0]], np.float32)
@@ -273,8 +269,8 @@ def test_window_rows_copy_flags_and_norm_only():
     assert ws["norm_only_semantics_layers"] == [1] and ws["max_kl_norm_vs_raw_bits_window"] == 1.5
     # the norm-only copy flags of copy_thresholds (metrics.copy_norm_only_flags) read the raw rows
     # (raw at layer 1 copies at 0.99: within radius 1 of layer 0 nothing is norm-only, within radius 0 the 0.95 one is)
-    assert M.copy_norm_only_flags({"0.7": 0, "0.95": 0}, rows, 1) == {"0.7": False, "0.95": False}
-    assert M.copy_norm_only_flags({"0.7": 0, "0.95": 0}, rows, 0) == {"0.7": False, "0.95": True}
+    assert SU.copy_norm_only_flags({"0.7": 0, "0.95": 0}, rows, 1) == {"0.7": False, "0.95": False}
+    assert SU.copy_norm_only_flags({"0.7": 0, "0.95": 0}, rows, 0) == {"0.7": False, "0.95": True}
 
 
 def _full_row(layer, kl, js, l1, jr, jc, rank_n, rank_r, kl_rev=0.5):
@@ -308,7 +304,6 @@ def test_full_summary_and_artifact_score_hand_worked():
     assert D.artifact_score(None, 1, None)["lens_artifact_score"] == pytest.approx(0.3)
 
 
-@needs_ref
 def test_reference_artifact_score_and_topk_overlap():
     sk = json.loads(SKELETON.read_text(encoding="utf-8"))["diagnostics"]
     full = sk["raw_lens_full"]
@@ -531,7 +526,6 @@ def test_measurement_guidance_reasons_and_flags():
                                    ("pos_window_low_stability", True), ("normalization_spike", True)]
 
 
-@needs_ref
 def test_reference_milestones_csv():
     from jaxlens.writers import render_csv
 
@@ -590,8 +584,8 @@ QWEN_SEED = 22           # with this seed the tiny Qwen3's own top-1 for the Ger
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
     import jaxlens
-    from jaxlens.probe import run_probe
-    from jaxlens.suite import suite_from_dict
+    from jaxlens.probe.pipeline import run_probe
+    from jaxlens.probe.suite import suite_from_dict
 
     path = str(tmp_path_factory.mktemp("diag-qwen3"))
     tm = F.build_checkpoint("qwen3", path, seed=QWEN_SEED)
@@ -677,7 +671,7 @@ def test_pipeline_primary_has_its_milestones(probe_run):
 
 
 def test_raw_vs_norm_sweep_matches_torch(probe_run):
-    from jaxlens.gold import model_input_ids
+    from jaxlens.probe.gold import model_input_ids
 
     res, tm, model = probe_run["result"], probe_run["tm"], probe_run["model"]
     for p in (_pass(res, 0), _pass(res, None, pid="ctl"), _pass(res, 3, "no_filler")):
@@ -723,7 +717,7 @@ def test_raw_vs_norm_sweep_matches_torch(probe_run):
 
 
 def test_norm_temperatures_match_torch(probe_run):
-    from jaxlens.gold import model_input_ids
+    from jaxlens.probe.gold import model_input_ids
 
     res, tm, model, suite = probe_run["result"], probe_run["tm"], probe_run["model"], probe_run["suite"]
     grid = D.temperature_grid(0.2, 5.0, 25)
@@ -746,7 +740,7 @@ def test_norm_temperatures_match_torch(probe_run):
 
 
 def test_decoding_point_and_lens_consistency_match_torch(probe_run):
-    from jaxlens.gold import model_input_ids
+    from jaxlens.probe.gold import model_input_ids
 
     res, tm, model = probe_run["result"], probe_run["tm"], probe_run["model"]
     n = model.spec.n_layers
@@ -755,7 +749,7 @@ def test_decoding_point_and_lens_consistency_match_torch(probe_run):
     t = _torch_lenses(tm, ids)
     fw = model.forward(np.asarray(ids)[None])
     L = list(range(n + 1))
-    tz = D.target_logits(model, fw, 0, len(ids) - 1, norm_layers=L, raw_layers=L, post_layers=L[1:])
+    tz = LM.target_logits(model, fw, 0, len(ids) - 1, norm_layers=L, raw_layers=L, post_layers=L[1:])
     scale = np.abs(t["norm"]).max()
     for kind, want in (("norm", t["norm"]), ("raw", t["raw"])):
         np.testing.assert_allclose(np.stack([tz[kind][i] for i in L]), want, rtol=1e-5, atol=1e-5 * scale)
@@ -784,7 +778,7 @@ def test_decoding_point_and_lens_consistency_match_torch(probe_run):
 
 
 def test_forward_gate_reference_quirks_and_repeat(probe_run):
-    from jaxlens.probe import run_probe
+    from jaxlens.probe.pipeline import run_probe
 
     model, suite, base = probe_run["model"], probe_run["suite"], probe_run["result"]
     r = run_probe(model, suite=suite, out_dir=None, repeat_forward="always")
@@ -828,7 +822,7 @@ def test_gemma2_softcap_is_in_the_lens(tmp_path):
                           add_special_tokens=True)["input_ids"]
     fw = model.forward(np.asarray(ids)[None])
     n = model.spec.n_layers
-    tz = D.target_logits(model, fw, 0, len(ids) - 1, norm_layers=[n])
+    tz = LM.target_logits(model, fw, 0, len(ids) - 1, norm_layers=[n])
     llc = D.last_layer_consistency(tz["norm"][n], np.asarray(fw.logits[0, -1]), None, z_pre=tz["norm_pre"][n],
                                    transforms=D.head_transforms(model.config), softcap_in_lens=model.spec.final_softcap)
     assert llc["cfg_transform"] == {"scale": None, "softcap": 6.0}

@@ -1,4 +1,4 @@
-"""jaxlens.gold: tokenisation and gold alignment (spec §1.3, §2.21) on tiny tokenizers built here.
+"""jaxlens.probe.gold: tokenisation and gold alignment (spec §1.3, §2.21) on tiny tokenizers built here.
 
 Real tokenizers: a byte-level BPE trained in-process with ``tokenizers`` and wrapped in
 ``PreTrainedTokenizerFast`` (one without and one with a BOS-prepending post-processor, like Qwen vs
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from jaxlens import gold as G
+from jaxlens.probe import gold as G
 from jaxlens.errors import JaxlensError
-from jaxlens.suite import load_suite
+from jaxlens.probe.suite import load_suite
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 CORPUS = [

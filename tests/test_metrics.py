@@ -1,24 +1,21 @@
-"""jaxlens.metrics: every expected number below is worked out by hand (in the comments) or computed
+"""jaxlens.probe.metrics: every expected number below is worked out by hand (in the comments) or computed
 independently with numpy in float64; the last group re-derives the published Qwen3-14B summaries
-from the reference pure next-token CSV (skipped when shared/reference is not present)."""
+from the reference pure next-token CSV (tests/data/reference)."""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxlens import metrics as M
-from jaxlens.suite import CopyThresholds, SurfaceThresholds, Thresholds, load_suite
+from jaxlens.probe import metrics as M
+from jaxlens.probe.suite import CopyThresholds, SurfaceThresholds, Thresholds, load_suite
+from jaxlens.probe import summaries as SU
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR", "/work/shared/reference"))
-PURE_CSV = REF_DIR / "output-Qwen3-14B-pure-next-token.csv"
-SKELETON = REF_DIR / "output-Qwen3-14B.skeleton.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +181,7 @@ def test_copy_summary_and_stability():
     strs = [_decode(i) for i in TOP1]
     cols = {"layer": list(range(8)), **M.copy_flags(TOP1, P1, P2, CTX, strs),
             "is_answer": [False] * 6 + [True, True], "answer_rank": [9, 9, 9, 9, 9, 9, 1, 1]}
-    s = M.summarize_pass(cols, n_layers=7)
+    s = SU.summarize_pass(cols, n_layers=7)
     assert s["L_copy"] == 3 and s["L_semantic"] == 6 and s["delta_layers"] == 3
     assert s["L_copy_soft"] == {1: 1, 2: 2, 3: 3}
     assert s["delta_layers_soft"] == {1: 5, 2: 4, 3: 3}
@@ -196,10 +193,10 @@ def test_copy_summary_and_stability():
     assert ct["stability"] == "stable"
     assert s["depth_fractions"]["L_copy_soft_k2_frac"] == round(2 / 7, 3)
     # the reference bug N1 makes every non-empty sweep "mixed"
-    assert M.summarize_pass(cols, n_layers=7, quirks=M.ReferenceQuirks(copy_stability_key_bug=True)
+    assert SU.summarize_pass(cols, n_layers=7, quirks=M.ReferenceQuirks(copy_stability_key_bug=True)
                             )["copy_thresholds"]["stability"] == "mixed"
     # stability rule on its own (n = 40)
-    st = M.copy_stability
+    st = SU.copy_stability
     assert st({0.7: None, 0.95: None}, 40) == "none"
     assert st({0.7: None, 0.95: 5}, 40) == "mixed"
     assert st({0.7: 3, 0.95: 5}, 40) == "stable"          # Δ = 2
@@ -209,7 +206,7 @@ def test_copy_summary_and_stability():
     assert st({0.7: 3, 0.95: 8}, 30) == "fragile"         # Δ/n = 0.167
     # norm-only flags from the raw window rows
     rows = [{"layer": 5, "lens": "raw", "copy_strict@0.95": True}, {"layer": 3, "lens": "norm", "copy_strict@0.7": True}]
-    assert M.copy_norm_only_flags({"0.7": 3, "0.95": 3, "0.8": None}, rows, radius=2) == {
+    assert SU.copy_norm_only_flags({"0.7": 3, "0.95": 3, "0.8": None}, rows, radius=2) == {
         "0.7": True, "0.95": False, "0.8": None}
 
 
@@ -249,7 +246,7 @@ def _semantic_cols():
 
 def test_semantic_gates_fixed_q1():
     cols, V = _semantic_cols()
-    s = M.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V)
+    s = SU.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V)
     assert s["L_semantic"] == 2 and s["first_rank_le_1"] == 2
     assert s["first_rank_le_5"] == 2 and s["first_rank_le_10"] == 2
     assert s["first_kl_below_1.0"] == 3 and s["first_kl_below_0.5"] == 5   # "<=" at 1.0 and 0.5
@@ -274,7 +271,7 @@ def test_semantic_gates_fixed_q1():
 
 def test_semantic_gates_reference_q1():
     cols, V = _semantic_cols()
-    s = M.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V, quirks=M.ReferenceQuirks(q1_gap_not_in_summaries=True))
+    s = SU.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V, quirks=M.ReferenceQuirks(q1_gap_not_in_summaries=True))
     sg = s["semantic_gate"]
     assert (sg["L_semantic_top2_ok_norm"], sg["L_semantic_top2_ok_norm_frac"], sg["gap_at_L_semantic_norm"],
             sg["L_semantic_strong"], sg["L_semantic_strong_run2"]) == (None,) * 5
@@ -286,7 +283,7 @@ def test_semantic_gates_reference_q1():
 def test_run_of_two_needs_the_next_layer():
     # tuned lens: layers 1..4, rank 1 only at the last layer -> no run of two
     cols = {"layer": [1, 2, 3, 4], "answer_rank": [5, 2, 3, 1], "is_answer": [False, False, False, True]}
-    s = M.summarize_pass(cols, n_layers=4, lens="tuned")
+    s = SU.summarize_pass(cols, n_layers=4, lens="tuned")
     assert s["L_semantic"] == 4 and s["semantic_gate"]["L_semantic_run2"] is None
     assert "depth_fractions" not in s and "L_surface_to_meaning_tuned" in s
     assert s["cos_milestones"] == {"tuned": {"ge_0.2": None, "ge_0.4": None, "ge_0.6": None}}
@@ -294,11 +291,11 @@ def test_run_of_two_needs_the_next_layer():
 
 def test_add_confirmed_fields():
     cols, V = _semantic_cols()
-    s = M.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V)
-    M.add_confirmed_fields(s, 4)   # run2 = 4 lies in [2-2, 2+2]; confirmed 4 == margin-ok layer 4
+    s = SU.summarize_pass(cols, n_layers=7, p_uniform=1.0 / V)
+    SU.add_confirmed_fields(s, 4)   # run2 = 4 lies in [2-2, 2+2]; confirmed 4 == margin-ok layer 4
     assert s["semantic_margin"]["L_semantic_confirmed_margin_ok_norm"] == 4
     assert s["semantic_gate"]["run2_overlaps_confirmed_window"] is True
-    M.add_confirmed_fields(s, None)
+    SU.add_confirmed_fields(s, None)
     assert s["semantic_margin"]["L_semantic_confirmed_margin_ok_norm"] is None
     assert s["semantic_gate"]["run2_overlaps_confirmed_window"] is None
 
@@ -318,7 +315,7 @@ def test_surface_geom_topk_cos_entropy_summary():
         "cos_to_final": [-0.1, 0.25, 0.45, 0.99],
         "entropy_bits": ent, "teacher_entropy_bits": [1.0] * 4,
     }
-    s = M.summarize_pass(cols, n_layers=3)
+    s = SU.summarize_pass(cols, n_layers=3)
     assert (s["L_surface_to_meaning_norm"], s["answer_mass_at_L_surface_norm"], s["echo_mass_at_L_surface_norm"]) == (2, 0.25, 0.15)
     assert (s["L_geom_norm"], s["cos_to_answer_at_L_geom_norm"], s["cos_to_prompt_max_at_L_geom_norm"]) == (2, 0.10, 0.07)
     assert (s["L_topk_decay_norm"], s["topk_prompt_mass_at_L_norm"]) == (2, 0.33)
@@ -428,7 +425,7 @@ def test_pure_next_token_metrics_independent():
         gold_string="Berlin")
     assert cols4["is_answer"] == [i == 1 or int(top_ids[i, 0]) == int(top_ids[1, 0]) for i in range(L)]
     # summary from these columns is consistent with the hand-derived ones
-    s = M.summarize_pass(cols, n_layers=3, p_uniform=1.0 / V, thresholds=th)
+    s = SU.summarize_pass(cols, n_layers=3, p_uniform=1.0 / V, thresholds=th)
     assert s["L_semantic"] == M.first_layer([r == 1 for r in rank])
     assert s["L_geom_norm"] == 2
 
@@ -443,16 +440,16 @@ def test_control_summary():
             "control_margin": [-0.1, 0.02, 0.3, 0.9, 0.5],
             "control_top2_logit_gap": [None, 0.2, None, 3.5, 0.7],
             "top1_id": [7, PARIS, 8, PARIS, PARIS]}
-    s = M.control_summary(cols, control_answer_id=PARIS)
+    s = SU.control_summary(cols, control_answer_id=PARIS)
     # layer 1: gap 0.2 < 0.5; layer 3: margin > 0, gap 3.5, top-1 Paris
     assert s == {"first_control_margin_pos": 1, "max_control_margin": 0.9, "first_control_strong_pos": 3,
                  "max_control_top2_logit_gap": 3.5, "delta_top2_logit_ctl": 0.5}
     cols["top1_id"][3] = 8
-    assert M.control_summary(cols, control_answer_id=PARIS)["first_control_strong_pos"] == 4
+    assert SU.control_summary(cols, control_answer_id=PARIS)["first_control_strong_pos"] == 4
 
 
 def test_ablation_summary():
-    assert M.ablation_summary({"L_copy": 3, "L_semantic": 30}, {"L_copy": None, "L_semantic": 28}) == {
+    assert SU.ablation_summary({"L_copy": 3, "L_semantic": 30}, {"L_copy": None, "L_semantic": 28}) == {
         "L_copy_orig": 3, "L_sem_orig": 30, "L_copy_nf": None, "L_sem_nf": 28, "delta_L_copy": None, "delta_L_sem": -2}
 
 
@@ -468,7 +465,7 @@ def test_micro_suite_hand_worked():
         {"fact_key": "C", "fact_index": 2, "summary": summ(None, {1: None, 2: None, 3: None}, 33, None), "row_offset": 164},
         {"fact_key": "D", "fact_index": 3, "summary": summ(None, {1: None, 2: None, 3: None}, None, None), "row_offset": 246},
     ]
-    ms = M.micro_suite(facts, n_layers=n, notes="note")
+    ms = SU.micro_suite(facts, n_layers=n, notes="note")
     f = ms["facts"]
     assert [x["delta_hat"] for x in f] == [28 / 40, 21 / 40, None, None]   # B: earliest soft layer 4
     assert [x["row_index"] for x in f] == [30, 107, 197, None]
@@ -488,31 +485,30 @@ def test_micro_suite_hand_worked():
 def test_final_head_probe():
     z = np.array([2.0, 1.0, 2.0, -1.0, 0.5])
     names = ["a", "b", "c", "d", "e"]
-    rec = M.final_head_probe(z, lambda i: names[i], top_k=3)
+    rec = SU.final_head_probe(z, lambda i: names[i], top_k=3)
     p = _softmax64(z)
     assert [t for t, _ in rec["topk"]] == ["a", "c", "b"]       # tie 0/2 -> lower id first
     np.testing.assert_allclose([x for _, x in rec["topk"]], p[[0, 2, 1]], rtol=1e-6)
     assert rec["entropy"] == pytest.approx(float(-(p * np.log2(p)).sum()), rel=1e-6)
     assert list(rec) == ["type", "entropy", "topk"] and rec["type"] == "final_prediction"
-    rec = M.final_head_probe(z, lambda i: names[i], top_k=2, kind="temperature_exploration", temperature=2.0)
+    rec = SU.final_head_probe(z, lambda i: names[i], top_k=2, kind="temperature_exploration", temperature=2.0)
     p2 = _softmax64(z / 2.0)
     assert list(rec) == ["type", "temperature", "entropy", "topk"] and rec["temperature"] == 2.0
     assert rec["entropy"] == pytest.approx(float(-(p2 * np.log2(p2)).sum()), rel=1e-6)
-    rec = M.final_head_probe(z, lambda i: names[i], top_k=1, kind="test_prompt", prompt="Berlin is")
+    rec = SU.final_head_probe(z, lambda i: names[i], top_k=1, kind="test_prompt", prompt="Berlin is")
     assert list(rec) == ["type", "prompt", "entropy", "topk"] and rec["topk"][0][0] == "a"
 
 
 def test_unembed_bias_audit():
-    assert M.unembed_bias_audit(None) == {"present": False, "l2_norm": 0.0, "max_abs": 0.0}
-    assert M.unembed_bias_audit(np.zeros(5)) == {"present": False, "l2_norm": 0.0, "max_abs": 0.0}
-    assert M.unembed_bias_audit(np.array([3.0, -4.0])) == {"present": True, "l2_norm": 5.0, "max_abs": 4.0}
+    assert SU.unembed_bias_audit(None) == {"present": False, "l2_norm": 0.0, "max_abs": 0.0}
+    assert SU.unembed_bias_audit(np.zeros(5)) == {"present": False, "l2_norm": 0.0, "max_abs": 0.0}
+    assert SU.unembed_bias_audit(np.array([3.0, -4.0])) == {"present": True, "l2_norm": 5.0, "max_abs": 4.0}
 
 
 # ---------------------------------------------------------------------------------------------
 # regression against the published Qwen3-14B outputs (reference pure CSV -> reference JSON)
 # ---------------------------------------------------------------------------------------------
 
-needs_ref = pytest.mark.skipif(not (PURE_CSV.exists() and SKELETON.exists()), reason="shared/reference not present")
 
 
 def _conv(v):
@@ -541,13 +537,12 @@ def ref():
     return rows, sk, cols
 
 
-@needs_ref
 def test_reference_primary_summary(ref):
     rows, sk, cols = ref
     dg = sk["diagnostics"]
     V, n = 151936, 40
-    s = M.summarize_pass(cols("pos", "orig", 0), n_layers=n, p_uniform=1.0 / V, quirks=M.ReferenceQuirks.reference())
-    M.add_confirmed_fields(s, dg["L_semantic_confirmed"])
+    s = SU.summarize_pass(cols("pos", "orig", 0), n_layers=n, p_uniform=1.0 / V, quirks=M.ReferenceQuirks.reference())
+    SU.add_confirmed_fields(s, dg["L_semantic_confirmed"])
     # every scalar / fully listed field equals the published JSON (the skeleton elides some lists)
     for key in ["L_copy", "L_copy_H", "L_semantic", "delta_layers", "copy_thresh", "copy_window_k", "copy_match_level",
                 "first_kl_below_0.5", "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
@@ -567,10 +562,9 @@ def test_reference_primary_summary(ref):
     assert sk["summary"]["semantic_gate"] == dg["semantic_gate"]
 
 
-@needs_ref
 def test_reference_q1_fix_reaches_summary(ref):
     _, _, cols = ref
-    s = M.summarize_pass(cols("pos", "orig", 0), n_layers=40, p_uniform=1.0 / 151936)
+    s = SU.summarize_pass(cols("pos", "orig", 0), n_layers=40, p_uniform=1.0 / 151936)
     sg = s["semantic_gate"]
     # CSV: rank 1 at 36 (gap 3.1427), 39 (1.8668), 40 (0.3631); rank 4 at 37
     assert sg["L_semantic_top2_ok_norm"] == 36 and sg["L_semantic_top2_ok_norm_frac"] == 0.9
@@ -579,7 +573,6 @@ def test_reference_q1_fix_reaches_summary(ref):
     assert s["answer_margin_thresholds"] == {"gap_ge_0.5": 36, "gap_ge_1.0": 36}
 
 
-@needs_ref
 def test_reference_row_level_recomputation(ref):
     rows, _, cols = ref
     c = cols("pos", "orig", 0)
@@ -601,24 +594,23 @@ def test_reference_row_level_recomputation(ref):
         assert c["geom_crossover"][i] == (c["cos_to_answer"][i] >= c["cos_to_prompt_max"][i] + 0.02)
 
 
-@needs_ref
 def test_reference_control_ablation_micro_suite(ref):
     _, sk, cols = ref
     c = cols("ctl", "orig", None)
     c["control_top2_logit_gap"] = c["answer_logit_gap"]   # the control's gold is Paris: same definition
     c["top1_id"] = [12095 if (t or "").strip() == "Paris" else -1 for t in c["top1"]]
-    assert M.control_summary(c, control_answer_id=12095) == sk["control_summary"]
+    assert SU.control_summary(c, control_answer_id=12095) == sk["control_summary"]
     n, V = 40, 151936
-    orig = M.summarize_pass(cols("pos", "orig", 0), n_layers=n, p_uniform=1.0 / V)
-    nf = M.summarize_pass(cols("pos", "no_filler", 0), n_layers=n, p_uniform=1.0 / V)
-    assert M.ablation_summary(orig, nf) == sk["ablation_summary"]
+    orig = SU.summarize_pass(cols("pos", "orig", 0), n_layers=n, p_uniform=1.0 / V)
+    nf = SU.summarize_pass(cols("pos", "no_filler", 0), n_layers=n, p_uniform=1.0 / V)
+    assert SU.ablation_summary(orig, nf) == sk["ablation_summary"]
     suite = load_suite("reference")
     facts = []
     for f in suite.facts:
-        s = M.summarize_pass(cols("pos", "orig", f.index), n_layers=n, p_uniform=1.0 / V)
+        s = SU.summarize_pass(cols("pos", "orig", f.index), n_layers=n, p_uniform=1.0 / V)
         facts.append({"fact_key": f.key, "fact_index": f.index, "summary": s,
                       "row_offset": 2 * f.index * (n + 1), "L_semantic_confirmed": 36 if f.index == 0 else None})
-    ms = M.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
+    ms = SU.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
     ref_ms = sk["diagnostics"]["micro_suite"]
     assert ms["citations"] == ref_ms["citations"]
     assert ms["facts"][0] == ref_ms["facts"][0]

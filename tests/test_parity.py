@@ -223,7 +223,7 @@ def test_sharded_forward_matches_single_device(name, tmp_path):
     import jax
 
     import jaxlens
-    from jaxlens.sharding import make_mesh
+    from jaxlens.models.sharding import make_mesh
 
     if len(jax.devices()) < 8:
         pytest.skip(f"needs 8 devices, have {len(jax.devices())} (XLA_FLAGS set too late?)")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import hf_factory as F
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared/reference"))
 
 
 def _log_softmax(z):
@@ -28,7 +27,7 @@ def _log_softmax(z):
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def probed(request, tmp_path_factory):
-    from jaxlens.probe import run_probe
+    from jaxlens.probe.pipeline import run_probe
 
     name = request.param
     path = str(tmp_path_factory.mktemp(f"probe-{name}"))
@@ -41,7 +40,7 @@ def _torch_pure(tm, tok, prompt, answer_id, prompt_vocab):
     """Spec §2 metrics for each layer at the last position, from the torch model, in float64."""
     import torch
 
-    from jaxlens.gold import model_input_ids
+    from jaxlens.probe.gold import model_input_ids
 
     ids = np.asarray(model_input_ids(tok, prompt))[None]
     ref = F.torch_reference(tm, ids)
@@ -115,8 +114,8 @@ NUMERIC = ["entropy_bits", "kl_to_final_bits", "teacher_entropy_bits", "p_top1",
 
 def test_germany_pure_rows_match_torch(probed):
     import jaxlens
-    from jaxlens import metrics as M
-    from jaxlens.gold import token_decoder
+    from jaxlens.probe import metrics as M
+    from jaxlens.probe.gold import token_decoder
 
     res = probed["result"]
     model = jaxlens.load_model(probed["path"])
@@ -148,7 +147,7 @@ def test_germany_pure_rows_match_torch(probed):
 
 
 def test_csv_headers_and_json_sections(probed, tmp_path):
-    from jaxlens.probe import write_outputs
+    from jaxlens.probe.pipeline import write_outputs
     from jaxlens.writers import header
 
     res = probed["result"]
@@ -160,15 +159,12 @@ def test_csv_headers_and_json_sections(probed, tmp_path):
     assert files == sorted([f"output-{name}.json"] + [f"output-{name}-{k}.csv" for k in kinds])
     import csv
 
-    ref_headers = None
-    if (REF_DIR / "csv-headers.json").exists():
-        ref_headers = json.loads((REF_DIR / "csv-headers.json").read_text(encoding="utf-8"))
+    ref_headers = json.loads(HEADERS_JSON.read_text(encoding="utf-8"))
     for key in kinds:
         with open(tmp_path / f"output-{name}-{key}.csv", newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
         assert rows[0] == header(key)
-        if ref_headers is not None:
-            assert rows[0] == ref_headers[f"-{key}.csv"], key
+        assert rows[0] == ref_headers[f"-{key}.csv"], key
         assert all(len(r) == len(rows[0]) for r in rows), key
     n = res.json["model_stats"]["num_layers"]
     with open(tmp_path / f"output-{name}-pure-next-token-rawlens.csv", encoding="utf-8") as fh:
@@ -221,7 +217,7 @@ DIAGNOSTICS_LATER = {
 
 
 def test_two_runs_are_byte_identical(probed, tmp_path):
-    from jaxlens.probe import run_probe
+    from jaxlens.probe.pipeline import run_probe
 
     a, b = tmp_path / "a", tmp_path / "b"
     run_probe(probed["path"], out_dir=str(a))

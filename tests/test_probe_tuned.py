@@ -1,4 +1,4 @@
-"""The tuned lens inside the probe (spec/probe.md §3.4-3.7, jaxlens.probe_tuned).
+"""The tuned lens inside the probe (spec/probe.md §3.4-3.7, jaxlens.probe.tuned).
 
 A random low-rank tuned lens (with temperatures) on a tiny Qwen3 checkpoint; the probe's tuned rows, audit
 variants, position grid and skip-layers sanity are recomputed in float64 from the transformers model itself
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 import hf_factory as F
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared/reference"))
 
 
 def _random_lens(n, d, rank=4, seed=5, scale=0.15, zero=False):
     import jax.numpy as jnp
 
-    from jaxlens.tuned import THETA_INIT, LowRankLens
+    from jaxlens.lens.tuned import THETA_INIT, LowRankLens
 
     rng = np.random.default_rng(seed)
     shp = (n - 1, d, rank)
@@ -49,8 +49,8 @@ def _tau(theta):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import jaxlens
-    from jaxlens.probe import run_probe
-    from jaxlens.tuned import save_lens
+    from jaxlens.probe.pipeline import run_probe
+    from jaxlens.lens.tuned import save_lens
 
     base = tmp_path_factory.mktemp("probe-tuned")
     path = str(base / "qwen3")
@@ -196,7 +196,7 @@ def test_audit_variants_match_torch(setup):
 
 
 def test_position_grid_matches_torch(setup):
-    from jaxlens.diagnostics import position_grid
+    from jaxlens.probe.diagnostics import position_grid
 
     res, tm, lens = setup["res"], setup["tm"], setup["lens"]
     n = setup["model"].spec.n_layers
@@ -310,7 +310,7 @@ def test_unified_metrics_and_attribution_from_rows(setup):
 
 
 def test_identity_lens_reproduces_norm_lens(setup):
-    from jaxlens.probe import run_probe
+    from jaxlens.probe.pipeline import run_probe
 
     model = setup["model"]
     n = model.spec.n_layers
@@ -335,8 +335,8 @@ def test_identity_lens_reproduces_norm_lens(setup):
 
 
 def test_reference_quirks_q2_q9(setup):
-    from jaxlens.metrics import ReferenceQuirks
-    from jaxlens.probe import run_probe
+    from jaxlens.probe.metrics import ReferenceQuirks
+    from jaxlens.probe.pipeline import run_probe
 
     model, lens = setup["model"], setup["lens"]
     n = model.spec.n_layers
@@ -372,7 +372,7 @@ def test_cli_modes(setup, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tuned lens" in err[0] and not out.exists()
     # a lens for another model (one layer more): one line, no files
-    from jaxlens.tuned import save_lens
+    from jaxlens.lens.tuned import save_lens
 
     m = setup["model"]
     wrong = save_lens(_random_lens(m.spec.n_layers + 1, m.spec.d_model), str(tmp_path / "wrong"))
@@ -399,7 +399,7 @@ def test_cli_modes(setup, capsys, tmp_path, monkeypatch):
 
 
 def test_attribution_and_n3_by_hand():
-    from jaxlens.probe_tuned import attribution
+    from jaxlens.probe.tuned import attribution
 
     n = 8                                                   # depth layers 2, 4, 6
     base = {"layer": list(range(n + 1)), "kl_to_final_bits": [9, 8, 7, 6, 5, 4, 3, 2, 0]}
@@ -417,7 +417,7 @@ def test_attribution_and_n3_by_hand():
 
 
 def test_audit_summary_by_hand():
-    from jaxlens.probe_tuned import audit_summary, variant_rows
+    from jaxlens.probe.tuned import audit_summary, variant_rows
 
     kl = {"baseline": [4.0, 3.0, 2.0], "tuned": [3.0, 2.0, 1.5], "rot_only": [3.9, 2.95, 1.9],
           "temp_only": [3.1, 2.1, 1.6]}
@@ -441,7 +441,7 @@ def test_audit_summary_by_hand():
 
 
 def test_skip_sanity_and_head_mismatch_by_hand():
-    from jaxlens.probe_tuned import head_mismatch, skip_sanity
+    from jaxlens.probe.tuned import head_mismatch, skip_sanity
 
     vals, reg = skip_sanity([1.0, 3.0], {2: [2.0, 2.0], 4: [1.0, 1.0], 8: None})
     assert vals["m=2"] == pytest.approx(0.0) and vals["m=4"] == pytest.approx(math.exp(-1) - 1)
@@ -457,7 +457,7 @@ def test_skip_sanity_and_head_mismatch_by_hand():
 
 def test_provenance_snapshot_reproduces_reference():
     """The reference's own provenance.json -> its published provenance_snapshot (Qwen3-14B skeleton)."""
-    from jaxlens.probe_tuned import provenance_snapshot
+    from jaxlens.probe.tuned import provenance_snapshot
 
     skel = json.loads((REF_DIR / "output-Qwen3-14B.skeleton.json").read_text(encoding="utf-8"))["tuned_lens"]
     prov = json.loads(json.dumps(skel["provenance"]))
@@ -475,7 +475,7 @@ def test_default_demo_probe_uses_bundled_lens(tmp_path, monkeypatch, capsys):
     """The README's main command: `jaxlens probe` on the demo finds the bundled tuned lens (auto) and the
     trained lens beats the norm lens at every intermediate layer of the primary pass."""
     from jaxlens.cli import main
-    from jaxlens.loader import DEMO_TUNED_LENS_DIR
+    from jaxlens.models.loader import DEMO_TUNED_LENS_DIR
 
     monkeypatch.chdir(tmp_path)
     assert main(["probe", "--quiet"]) == 0

@@ -1,4 +1,4 @@
-"""jaxlens.stream: streaming lens statistics against the dense oracle and brute-force numpy.
+"""jaxlens.lens.stream: streaming lens statistics against the dense oracle and brute-force numpy.
 
 Most cases use *dyadic* data (small integers over powers of two): every logit is then an exact
 fp32 number whatever the GEMM's summation order, so ranks and top-k ids can be compared exactly
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from jaxlens import stream as S
+from jaxlens.lens import stream as S
+from jaxlens.lens import pairwise as PW
 
 LN2 = math.log(2.0)
 FLOAT_KEYS = ("entropy_bits", "lse", "kl_to_final_bits", "kl_final_to_layer_bits", "gold_prob",
@@ -339,7 +340,7 @@ def test_pair_stats():
     for sc in (None, 3.0):
         lseA = S.stream_stats(hA, W, bias=bias, softcap=sc)["lse"]
         lseB = S.stream_stats(hB, W, bias=bias, softcap=sc)["lse"]
-        got = S.pair_stats(hA, hB, W, bias, sc, lseA, lseB, chunk=256)
+        got = PW.pair_stats(hA, hB, W, bias, sc, lseA, lseB, chunk=256)
         zA = hA.astype(np.float64) @ W + bias
         zB = hB.astype(np.float64) @ W + bias
         if sc is not None:
@@ -358,7 +359,7 @@ def test_pair_stats():
             np.testing.assert_allclose(got[k], v, rtol=2e-5, atol=2e-6, err_msg=k)
         assert np.all(np.asarray(got["js_bits"]) <= 1.0)
     # same lens twice: all zero
-    same = S.pair_stats(hA, hA, W, chunk=300)
+    same = PW.pair_stats(hA, hA, W, chunk=300)
     for k in same:
         np.testing.assert_allclose(same[k], 0.0, atol=1e-6, err_msg=k)
 
@@ -368,25 +369,25 @@ def test_gather_logits_set_mass_and_topk_helpers():
     h, W, bias = case["h"], case["W"], case["bias"]
     z = np.einsum("trd,dv->trv", h.astype(np.float64), W) + bias
     ids = np.array([[1, 7, -1], [499, 0, 3], [5, 5, -1], [-1, -1, -1]], np.int32)
-    gl = np.asarray(S.gather_logits(h, W, ids, bias))
+    gl = np.asarray(PW.gather_logits(h, W, ids, bias))
     assert gl.shape == (4, 3, 3)
     assert np.isneginf(gl[0, :, 2]).all() and np.isneginf(gl[3]).all()
     np.testing.assert_allclose(gl[1], z[1][:, [499, 0, 3]], rtol=1e-6)
     st = S.stream_stats(h, W, bias=bias, top_k=500)
-    mass = np.asarray(S.set_mass(h, W, ids, st["lse"], bias))
+    mass = np.asarray(PW.set_mass(h, W, ids, st["lse"], bias))
     p = np.exp(z - np.log(np.exp(z).sum(-1, keepdims=True)))
     want = np.stack([p[0][:, [1, 7]].sum(-1), p[1][:, [499, 0, 3]].sum(-1), p[2][:, 5],
                      np.zeros(3)])  # the duplicate 5 counts once
     np.testing.assert_allclose(mass, want, rtol=1e-5, atol=1e-7)
     # with top_k = V the in-top-k mass is the full set mass
-    np.testing.assert_allclose(S.set_mass_in_topk(st["top_ids"], st["top_probs"], ids), want,
+    np.testing.assert_allclose(PW.set_mass_in_topk(st["top_ids"], st["top_probs"], ids), want,
                                rtol=1e-5, atol=1e-7)
     st3 = S.stream_stats(h, W, bias=bias, top_k=3)
-    m3 = np.asarray(S.set_mass_in_topk(st3["top_ids"], st3["top_probs"], ids))
+    m3 = np.asarray(PW.set_mass_in_topk(st3["top_ids"], st3["top_probs"], ids))
     assert np.all(m3 <= want + 1e-6)
     a = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, -1, -1]])
     b = np.array([[4, 3, 2, 1], [1, 9, 8, 7], [-1, -1, -1, -1]])
-    np.testing.assert_allclose(S.topk_jaccard(a, b), [1.0, 1 / 7, 0.0])
+    np.testing.assert_allclose(PW.topk_jaccard(a, b), [1.0, 1 / 7, 0.0])
 
 
 def test_gram_cosine():
@@ -398,6 +399,6 @@ def test_gram_cosine():
     zA = hA.astype(np.float64) @ W
     zB = hB.astype(np.float64) @ W
     want = (zA * zB).sum(-1) / np.linalg.norm(zA, axis=-1) / np.linalg.norm(zB, axis=-1)
-    np.testing.assert_allclose(S.gram_cosine(hA, hB, W), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(S.gram_cosine(hA, hB, G=S.gram(W)), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(S.gram_cosine(hA, hA, W), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(PW.gram_cosine(hA, hB, W), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(PW.gram_cosine(hA, hB, G=PW.gram(W)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(PW.gram_cosine(hA, hA, W), 1.0, rtol=1e-6)

@@ -1,19 +1,18 @@
-"""jaxlens.suite: the reference suite is the data of spec §1.2 / §2, user suites load, and every bad
+"""jaxlens.probe.suite: the reference suite is the data of spec §1.2 / §2, user suites load, and every bad
 suite fails with one clear sentence naming the file and the field."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from jaxlens import metrics as M
+from jaxlens.probe import metrics as M
 from jaxlens.errors import JaxlensError
-from jaxlens.suite import ARROW, PromptRef, Thresholds, load_suite, suite_from_dict
+from jaxlens.probe.suite import ARROW, PromptRef, Thresholds, load_suite, suite_from_dict
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR", "/work/shared/reference"))
 REPO = Path(__file__).resolve().parents[1]
 
 ORIG = "Give the city name only, plain text. The capital of {} is called simply"
@@ -88,7 +87,6 @@ def test_reference_thresholds_are_the_spec_values():
     assert th.gold.pieces_k == 4
 
 
-@pytest.mark.skipif(not (REF_DIR / "csv-headers.json").exists(), reason="shared/reference not present")
 def test_copy_flag_columns_match_reference_header():
     headers = json.loads((REF_DIR / "csv-headers.json").read_text())
     pure = headers["-pure-next-token.csv"]

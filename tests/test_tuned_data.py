@@ -35,7 +35,7 @@ SEQ = 32
 def setup(tmp_path_factory):
     """A tiny Qwen3 checkpoint (its tokenizer has an EOS) and documents from the demo corpus generator."""
     import jaxlens
-    from jaxlens.demo_corpus import generate
+    from jaxlens.demo.corpus import generate
 
     root = tmp_path_factory.mktemp("tuned-data")
     ckpt = str(root / "qwen3")

@@ -95,7 +95,7 @@ def test_round_trip_jaxlens_tuned_lens_jaxlens_is_exact(tiny, tmp_path):
     import jax.numpy as jnp
 
     import jaxlens
-    from jaxlens.tuned import FullRankLens
+    from jaxlens.lens.tuned import FullRankLens
 
     model, fw = tiny["model"], tiny["fw"]
     n, d = model.spec.n_layers, model.spec.d_model
@@ -128,8 +128,8 @@ def test_reference_format_matches_numpy_by_hand(tiny, tmp_path):
     import torch
 
     import jaxlens
-    from jaxlens.lens import normalise
-    from jaxlens.tuned import reference_rank
+    from jaxlens.lens.stats import normalise
+    from jaxlens.lens.tuned import reference_rank
 
     model, fw = tiny["model"], tiny["fw"]
     n, d = model.spec.n_layers, model.spec.d_model

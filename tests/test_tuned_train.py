@@ -29,7 +29,7 @@ STEPS = 24
 def setup(tmp_path_factory):
     """A tiny Qwen3 checkpoint, training text and held-out text generated here (the demo corpus generator)."""
     import jaxlens
-    from jaxlens.demo_corpus import generate
+    from jaxlens.demo.corpus import generate
 
     root = tmp_path_factory.mktemp("tuned-train")
     ckpt = str(root / "qwen3")

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 
 from jaxlens import writers as W
+from reference_data import HEADERS_JSON, MILESTONES_CSV, PURE_CSV, REF_DIR, SKELETON  # noqa: F401
 
-REF_DIR = Path(os.environ.get("JAXLENS_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared/reference")
-HEADERS_JSON = REF_DIR / "csv-headers.json"
-PURE_CSV = REF_DIR / "output-Qwen3-14B-pure-next-token.csv"
-MILESTONES_CSV = REF_DIR / "output-Qwen3-14B-milestones.csv"
 PACKAGE_HEADERS = Path(W.__file__).parent / "data" / "csv_headers.json"
 
 # columns whose cells are text; every other reference cell must parse to None / bool / int / float
@@ -35,8 +32,6 @@ def _typed(rows):
 # ------------------------------------------------------------------------------------------ headers
 
 def test_package_header_file_matches_reference():
-    if not HEADERS_JSON.exists():
-        pytest.skip("shared/reference not present")
     assert PACKAGE_HEADERS.read_bytes() == HEADERS_JSON.read_bytes()
     ref = json.loads(HEADERS_JSON.read_text(encoding="utf-8"))
     assert list(W.CSV_HEADERS) == list(ref)
@@ -72,7 +67,6 @@ def test_header_lookup_and_copy_block():
 
 # ------------------------------------------------------------------------------ reference round trip
 
-@pytest.mark.skipif(not PURE_CSV.exists(), reason="shared/reference not present")
 def test_pure_next_token_rows_rewrite_byte_identical():
     text, rows = _read_reference(PURE_CSV)
     assert rows[0] == W.header("pure-next-token")
@@ -96,7 +90,6 @@ def test_pure_next_token_rows_rewrite_byte_identical():
     assert W.render_csv("pure-next-token", dict_rows) == text
 
 
-@pytest.mark.skipif(not PURE_CSV.exists(), reason="shared/reference not present")
 def test_reference_fp32_values_rewrite_from_float32():
     """Values that are exactly representable in fp32 were written from fp32 tensors: writing the
     np.float32 must give the reference text."""
@@ -111,7 +104,6 @@ def test_reference_fp32_values_rewrite_from_float32():
     assert n > 1000
 
 
-@pytest.mark.skipif(not MILESTONES_CSV.exists(), reason="shared/reference not present")
 def test_milestones_rewrite_byte_identical(tmp_path):
     text, rows = _read_reference(MILESTONES_CSV)
     assert rows[0] == W.header("milestones") and len(rows) == 5

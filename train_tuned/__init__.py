@@ -5,7 +5,7 @@
 * :mod:`train_tuned.data`     text / JSONL / HF-streaming sources, packing, seeded order, content hash
 * :mod:`train_tuned.evaluate` per-layer CE / entropy / KL of the logit and tuned lenses
 
-The lens objects and the on-disk formats live in :mod:`jaxlens.tuned`.
+The lens objects and the on-disk formats live in :mod:`jaxlens.lens.tuned`.
 """
 from .evaluate import evaluate_lens
 from .train import load_recipe, make_plan, train_lens

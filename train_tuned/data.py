@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jaxlens.checkpoint import file_sha256  # noqa: F401 - re-exported (data sources hash their files)
+from jaxlens.models.checkpoint import file_sha256  # noqa: F401 - re-exported (data sources hash their files)
 from jaxlens.errors import JaxlensError
 
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()

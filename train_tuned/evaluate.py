@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from jaxlens.errors import JaxlensError
-from jaxlens.lens import lens_stats
+from jaxlens.lens.stats import lens_stats
 
 from .data import FileData
 

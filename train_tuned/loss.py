@@ -1,7 +1,7 @@
 """Streaming (vocab-chunked) distillation loss with a custom VJP: no [tokens x rows x vocab] logits.
 
 For student rows x [T, R, d] (R lens layers per token), an optional inverse temperature it [T, R], and the
-teacher's final-normed rows t [T, d], with the head ``head(y) = softcap(y @ W + b)`` (jaxlens.stream's
+teacher's final-normed rows t [T, d], with the head ``head(y) = softcap(y @ W + b)`` (jaxlens.lens.stream's
 definitions and helpers):
 
     z   = head(x) * it          q   = softmax(z)          (student, per row)
@@ -12,7 +12,7 @@ definitions and helpers):
     KL(p_f || q) = ce - H_f                               (the tuned-lens objective; same gradient as ce)
 
 Forward: one pass over vocabulary chunks of W with online max / sum rescaling (the math of
-jaxlens.stream, notes §4.2): running (m, S) for the student, (m_f, S_f, Z_f) for the teacher and
+jaxlens.lens.stream, notes §4.2): running (m, S) for the student, (m_f, S_f, Z_f) for the teacher and
 B = sum e^{z_f - m_f} z, so E_pf[z] = B / S_f and H_f = log S_f - Z_f / S_f. Saved for the backward: the
 two log-partitions only.
 
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlens.stream import NEG, _dot, _softcap
+from jaxlens.lens.stream import NEG, _dot, _softcap
 
 F32 = jnp.float32
 DEFAULT_CHUNK = 2048

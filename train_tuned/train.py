@@ -13,7 +13,7 @@
 4. every ``checkpoint_every`` steps and at the end (or at ``stop_at``) orbax saves the lens parameters,
    the optax state, the RNG key and a JSON item (step, data position, content hash, loss history);
    ``resume`` restores them against abstract targets that carry the mesh sharding;
-5. the lens is written in jaxlens's format with its card (:func:`jaxlens.tuned.save_lens`).
+5. the lens is written in jaxlens's format with its card (:func:`jaxlens.lens.tuned.save_lens`).
 
 Determinism: the step-k RNG is ``fold_in(key(seed), k)`` and step k consumes sequences
 ``[(k-1) S, k S)`` of the data order, so a run stopped (or killed) after any checkpoint and resumed
@@ -36,11 +36,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxlens import decoder
-from jaxlens.decoder import apply_norm
+from jaxlens.models import decoder
+from jaxlens.models.decoder import apply_norm
 from jaxlens.errors import JaxlensError
-from jaxlens.tuned import (LAYER_CONVENTIONS, THETA_INIT, FullRankLens, LowRankLens, NormSpec, fullrank_translate,
-                           lowrank_translate, reference_rank, save_lens, softplus_temperature)
+from jaxlens.lens.tuned import LAYER_CONVENTIONS, THETA_INIT, FullRankLens, LowRankLens, NormSpec, fullrank_translate, lowrank_translate, reference_rank, save_lens, softplus_temperature
 
 from . import data as data_mod
 from .loss import DEFAULT_CHUNK, stream_ce
@@ -591,8 +590,8 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
                lens_matmul: str | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or resume) a tuned lens; see the module docstring. ``model_source`` is a source string or a Model."""
-    from jaxlens.loader import load_model
-    from jaxlens.sharding import make_mesh
+    from jaxlens.models.loader import load_model
+    from jaxlens.models.sharding import make_mesh
 
     say = log or (lambda msg: print(f"[jaxlens] {msg}", file=sys.stderr, flush=True))
     rec = load_recipe(recipe)

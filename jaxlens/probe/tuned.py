@@ -12,7 +12,7 @@ pass over the lens passes:
 * the skip-layers sanity check (§3.7).
 
 Every decode is a fused :func:`jaxlens.lens_stats` call: the tuned, rotation-only and temperature-only lenses
-at the last position of every pass go through ONE streaming pass (:func:`jaxlens.diagnostics.multi_lens_stats`),
+at the last position of every pass go through ONE streaming pass (:func:`jaxlens.lens.multi.multi_lens_stats`),
 and so do the norm and tuned lenses at the position grid.
 
 Reference bugs fixed here (spec Appendix A; ``--reference-quirks`` restores them): Q2 (the audit describes the
@@ -29,13 +29,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import diagnostics as D
-from . import gold as gold_mod
-from . import metrics as M
-from .decoder import ForwardOutput
-from .errors import JaxlensError
-from .lens import lens_stats
-from .loader import pad_batch
+from jaxlens.probe import diagnostics as D
+from jaxlens.probe.diagnostics.calibration import _log_softmax64
+from jaxlens.probe import gold as gold_mod
+from jaxlens.probe import metrics as M
+from jaxlens.probe.passes import lens_pass_metrics
+from jaxlens.models.decoder import ForwardOutput
+from jaxlens.errors import JaxlensError
+from jaxlens.lens.stats import lens_stats
+from jaxlens.models.loader import pad_batch
+from jaxlens.lens import multi as LM
 
 MODES = ("auto", "off", "require")
 SKIP_MS = (2, 4, 8)
@@ -97,7 +100,7 @@ def resolve(model, tuned=None, say=None) -> TunedSource:
     if not isinstance(tuned, str):                       # a lens object
         return TunedSource(mode="require", status="loaded", path=getattr(tuned, "path", None), lens=tuned,
                            provenance=lens_record(tuned))
-    from .tuned import load_lens
+    from jaxlens.lens.tuned import load_lens
 
     if tuned in ("auto", "require"):
         mode = tuned
@@ -145,10 +148,10 @@ class RotationOnly:
         return None
 
 
-def temperature_only(lens, n_layers: int) -> D.TemperedLens:
+def temperature_only(lens, n_layers: int) -> LM.TemperedLens:
     """The norm lens divided by the tuned lens's temperatures (§3.6 ``temp_only``; 1 where it has none)."""
     t = lens.temperatures(np.arange(n_layers + 1))
-    return D.TemperedLens(temperature=np.ones(n_layers + 1, np.float32) if t is None else t, name="tuned_temp_only")
+    return LM.TemperedLens(temperature=np.ones(n_layers + 1, np.float32) if t is None else t, name="tuned_temp_only")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ def _skip_losses(model, suite, inputs, dec, lens, n, quirks) -> tuple:
     want = sorted({L for L in layer_of.values() if 0 <= L <= n})
     lengths = np.asarray(fw.attention_mask).sum(1)
     final = np.asarray(fw.logits)[np.arange(len(lengths)), lengths - 1]                       # [B, V]
-    lsm = D._log_softmax64(final)
+    lsm = _log_softmax64(final)
     base = [float(-lsm[i, golds[i]]) for i in sel]
     tuned = {m: None for m in SKIP_MS}
     if want:
@@ -421,7 +424,6 @@ def _skip_losses(model, suite, inputs, dec, lens, n, quirks) -> tuple:
 def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: TunedSource,
               quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> TunedResult:
     """Every tuned-lens output of the probe (spec §3.4-3.7) for a loaded lens."""
-    from .probe import lens_pass_metrics
 
     t0 = time.perf_counter()
     lens = source.lens
@@ -434,7 +436,7 @@ def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: Tuned
     allpos = lens_stats(model, fw, lens, gold_ids=golds, top_k=k_all, positions="all", layers=layers,
                         cosine=False).numpy()
     kw = dict(dec["last_kwargs"], positions="last")
-    tuned_last, rot_last, temp_last = (s.numpy() for s in D.multi_lens_stats(
+    tuned_last, rot_last, temp_last = (s.numpy() for s in LM.multi_lens_stats(
         model, fw, (lens, RotationOnly(lens), temperature_only(lens, n)), layers=layers, **kw))
     results = lens_pass_metrics(model, suite, inputs, dec, tuned_last, allpos, decode, lens="tuned", quirks=quirks)
     t1 = time.perf_counter()
@@ -468,7 +470,7 @@ def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: Tuned
     grid = D.position_grid(T)
     pos = np.array([[p for _, p in grid]], np.int64)
     g_b = np.array([inputs[b].gold.first_id if has_gold else -1], np.int32)
-    nb, tb = (s.numpy() for s in D.multi_lens_stats(model, _slice_forward(fw, b), ("norm", lens), layers=layers,
+    nb, tb = (s.numpy() for s in LM.multi_lens_stats(model, _slice_forward(fw, b), ("norm", lens), layers=layers,
                                                       gold_ids=g_b, top_k=0, positions=pos, cosine=False))
     positions = []
     for j, (frac, p) in enumerate(grid):
@@ -482,7 +484,7 @@ def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: Tuned
                               "answer_rank_tuned": rt, "rank_shift_tuned": _delta(rb, rt),
                               "entropy_bits_baseline": float(nb.entropy_bits[i, 0, j]),
                               "entropy_bits_tuned": float(tb.entropy_bits[i, 0, j])})
-    z_t = D.target_logits(model, fw, b, T - 1, tuned_lens=lens, tuned_layers=[n])["tuned"][n]
+    z_t = LM.target_logits(model, fw, b, T - 1, tuned_lens=lens, tuned_layers=[n])["tuned"][n]
     head = head_mismatch(z_t, np.asarray(fw.logits[b, T - 1]), float(kl["tuned"][-1]))
     audit = audit_summary(variants, positions, head)
     t2 = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Recipe for the bundled demo model: ``python -m jaxlens.demo_train [--out DIR] [--steps N]``.
+"""Recipe for the bundled demo model: ``python -m jaxlens.demo.train [--out DIR] [--steps N]``.
 
 One seeded command regenerates everything in ``jaxlens/demo/``:
 
-1. the geography corpus (:mod:`jaxlens.demo_corpus`, deterministic from the seed);
+1. the geography corpus (:mod:`jaxlens.demo.corpus`, deterministic from the seed);
 2. a byte-level BPE tokenizer trained on it with ``tokenizers`` (no BOS, Qwen style; the capitals are
    single tokens with a leading space), saved as a ``PreTrainedTokenizerFast``;
 3. a small Qwen3-architecture causal LM trained from scratch with the jaxlens decoder, optax AdamW and a
@@ -25,13 +25,13 @@ import tomllib
 
 import numpy as np
 
-from . import demo_corpus
-from .checkpoint import file_sha256
-from .loader import pad_batch
+from jaxlens.demo import corpus as demo_corpus
+from jaxlens.models.checkpoint import file_sha256
+from jaxlens.models.loader import pad_batch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo_model.toml")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEFAULT_OUT = os.path.dirname(os.path.abspath(__file__))   # jaxlens/demo/
 EOS = "<|endoftext|>"
 
 
@@ -181,7 +181,7 @@ def build_step(spec, t: dict):
     import jax.numpy as jnp
     import optax
 
-    from . import decoder
+    from jaxlens.models import decoder
 
     steps = int(t["steps"])
     warm = min(int(t["warmup_steps"]), max(steps - 1, 1))
@@ -227,7 +227,7 @@ def build_step(spec, t: dict):
 def train(spec, ids_list, recipe: dict, pad_id: int, log=print):
     import jax
 
-    from . import decoder
+    from jaxlens.models import decoder
 
     t, m, seed = recipe["train"], recipe["model"], int(recipe["seed"])
     params = decoder.init_params(spec, jax.random.PRNGKey(seed), "float32", std=float(m["init_std"]))
@@ -259,9 +259,9 @@ def evaluate(out: str) -> dict:
     import jax.numpy as jnp
 
     import jaxlens
-    from jaxlens.lens import normalise
+    from jaxlens.lens.stats import normalise
 
-    from . import decoder
+    from jaxlens.models import decoder
 
     model = jaxlens.load_model(out)
     tok = model.tokenizer
@@ -334,13 +334,13 @@ def write_recipe_md(out: str, card: dict) -> None:
         "## Reproduce",
         "",
         "```",
-        "python -m jaxlens.demo_train            # writes jaxlens/demo/ (this directory)",
-        "python -m jaxlens.demo_train --out /tmp/demo --steps 20   # a quick smoke run elsewhere",
+        "python -m jaxlens.demo.train            # writes jaxlens/demo/ (this directory)",
+        "python -m jaxlens.demo.train --out /tmp/demo --steps 20   # a quick smoke run elsewhere",
         "```",
         "",
         "Everything is read from `configs/demo_model.toml` (copied into `card.json`, key `recipe`) and is",
-        "deterministic from its `seed`: corpus (`jaxlens/demo_corpus.py`) -> byte-level BPE (`tokenizers`) ->",
-        "training with the jaxlens decoder (`jaxlens.decoder.apply`), optax AdamW, warmup + cosine schedule,",
+        "deterministic from its `seed`: corpus (`jaxlens/demo/corpus.py`) -> byte-level BPE (`tokenizers`) ->",
+        "training with the jaxlens decoder (`jaxlens.models.decoder.apply`), optax AdamW, warmup + cosine schedule,",
         "float32 on CPU, fixed data order (length buckets, seeded permutations) -> `model.safetensors`.",
         "On the same jax/jaxlib version and CPU the weights are bit-for-bit identical; compare",
         f"`sha256(model.safetensors)` = `{card['model_sha256']}`.",
@@ -432,7 +432,7 @@ def _tuned_lens_records(out: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxlens.demo_train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jaxlens.demo.train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: jaxlens/demo/)")
     ap.add_argument("--steps", type=int, default=None, help="override [train] steps")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="recipe TOML (default: configs/demo_model.toml)")
@@ -451,8 +451,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
     from safetensors.numpy import save_file
 
-    from .convert import export_state_dict
-    from .spec import spec_from_config
+    from jaxlens.models.convert import export_state_dict
+    from jaxlens.models.spec import spec_from_config
 
     t_all = time.time()
     docs = demo_corpus.generate(seed, int(recipe["corpus"]["n_docs"]))

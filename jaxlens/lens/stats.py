@@ -14,7 +14,7 @@ Every lens goes through the model's head (bias, Gemma-2's final softcap), so the
 logit lens reproduces the model's logits and its KL to final is 0.
 
 ``lens_stats`` folds every (layer, batch, position) row into one streaming pass over vocabulary chunks
-(:mod:`jaxlens.stream`); no [layers x tokens x vocab] array is ever built. ``lens_logits`` is the dense
+(:mod:`jaxlens.lens.stream`); no [layers x tokens x vocab] array is ever built. ``lens_logits`` is the dense
 oracle for tests and debugging.
 """
 from __future__ import annotations
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import stream
-from .decoder import apply_norm, head, unembedding
-from .errors import JaxlensError
+from jaxlens.lens import stream
+from jaxlens.models.decoder import apply_norm, head, unembedding
+from jaxlens.errors import JaxlensError
+from jaxlens.lens import pairwise as PW
 
 BUILTIN = ("norm", "logit", "raw")
 F32 = jnp.float32
@@ -207,7 +208,7 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
       cosine: also compute cos_to_final (bias-free lens logits vs the final logits, spec §2.2) in d-space.
       dense: use the dense oracle (materialises logits; for tests and debugging).
       mesh, row_axis, vocab_axis: multi-device decode (rows sharded with the unembedding replicated, or
-        the unembedding sharded over the vocabulary), see :func:`jaxlens.stream.stream_stats`.
+        the unembedding sharded over the vocabulary), see :func:`jaxlens.lens.stream.stream_stats`.
       unembed_dtype: cast the unembedding (e.g. "float32" for an fp32 unembed over a bf16 model).
       gather_ids: optional int [B, S] (-1 = padding): also return the lens logits at these ids
         (answer / control / prompt tokens) as ``gathered_logits`` [R, B, P, S], no vocab pass needed.
@@ -252,7 +253,7 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         if gid.ndim != 2 or gid.shape[0] != B:
             raise JaxlensError(f"gather_ids must be [B={B}, S]; got shape {gid.shape}")
         gid = np.repeat(gid, P, axis=0)                                          # [B*P, S]
-        gathered = back(stream.gather_logits(h, W, gid, bias, spec.final_softcap, temp))
+        gathered = back(PW.gather_logits(h, W, gid, bias, spec.final_softcap, temp))
     cos = None
     if cosine:
         logits = jnp.take_along_axis(fw.logits, jnp.asarray(pos)[:, :, None], axis=1)   # [B, P, V]
@@ -299,5 +300,5 @@ def _gram(model, W):
     cache = model.__dict__.setdefault("_gram_cache", {})
     key = (W.shape, str(W.dtype))
     if key not in cache:
-        cache[key] = stream.gram(W.astype(F32))
+        cache[key] = PW.gram(W.astype(F32))
     return cache[key]

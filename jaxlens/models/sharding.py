@@ -33,7 +33,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     devices = list(devices if devices is not None else jax.devices())
     n = data * fsdp * tensor
     if n > len(devices):
-        from .errors import JaxlensError
+        from jaxlens.errors import JaxlensError
 
         raise JaxlensError(f"mesh {data}x{fsdp}x{tensor} needs {n} devices but only {len(devices)} exist")
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor), MESH_AXES)

@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .decoder import apply_norm
-from .errors import JaxlensError
+from jaxlens.models.decoder import apply_norm
+from jaxlens.errors import JaxlensError
 
 F32 = jnp.float32
 TEMPERATURE_EPS = 1e-3
@@ -84,7 +84,7 @@ def reference_rank(d_model: int) -> int:
 
 
 class NormSpec(NamedTuple):
-    """The fields of :class:`jaxlens.spec.ArchSpec` that :func:`jaxlens.decoder.apply_norm` reads."""
+    """The fields of :class:`jaxlens.models.spec.ArchSpec` that :func:`jaxlens.models.decoder.apply_norm` reads."""
 
     norm: str
     norm_eps: float
@@ -503,7 +503,7 @@ def save_lens(lens, path: str, format: str = "jaxlens", card: dict | None = None
     own, completed with the structural fields) or "tuned-lens" (``config.json`` + ``params.pt`` for the
     tuned-lens package; :class:`FullRankLens` only; needs PyTorch). Returns ``path``.
     """
-    from .writers import OutputSet
+    from jaxlens.writers import OutputSet
 
     if format == "jaxlens":
         from safetensors.numpy import save

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .errors import JaxlensError
+from jaxlens.errors import JaxlensError
 
 __all__ = [
     "ARROW",
@@ -446,7 +446,7 @@ class Suite:
 # Loading and validation
 # ----------------------------------------------------------------------------------------------
 
-_PKG_DIR = Path(__file__).resolve().parent
+_PKG_DIR = Path(__file__).resolve().parents[1]   # the jaxlens package
 
 
 def suite_search_paths() -> list:

@@ -1,11 +1,11 @@
-"""The one decoder: a Flax NNX module whose math is configured by an :class:`~jaxlens.spec.ArchSpec`.
+"""The one decoder: a Flax NNX module whose math is configured by an :class:`~jaxlens.models.spec.ArchSpec`.
 
 Layers are stacked (leading axis L) and run with ``jax.lax.scan``; per-layer differences (sliding window,
 RoPE frequencies and cos/sin scaling) are scanned *data*, so compile time is flat in depth and one body
 serves Gemma-2/3's local/global mix. The scan emits every block output, which gives the raw residual
 streams ``[n_layers + 1, B, T, d]`` for free.
 
-Parameter layout (HF weight names are mapped onto it by :mod:`jaxlens.convert`)::
+Parameter layout (HF weight names are mapped onto it by :mod:`jaxlens.models.convert`)::
 
     embed [V, d]    pos_embed [P, d] (learned positions)    lm_head [d, V] (absent if tied)
     final_norm {scale [d], bias [d]}
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .spec import ArchSpec
+from jaxlens.models.spec import ArchSpec
 
 F32 = jnp.float32
 _NEG = float(np.finfo(np.float32).min)
@@ -39,7 +39,7 @@ class ForwardOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter shapes and logical axes (the sharding rules in jaxlens.sharding map these names to a mesh)
+# Parameter shapes and logical axes (the sharding rules in jaxlens.models.sharding map these names to a mesh)
 
 
 def param_layout(spec: ArchSpec) -> dict:

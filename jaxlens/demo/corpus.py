@@ -1,4 +1,4 @@
-"""Synthetic geography corpus for the bundled demo model (see :mod:`jaxlens.demo_train`).
+"""Synthetic geography corpus for the bundled demo model (see :mod:`jaxlens.demo.train`).
 
 Everything here is deterministic from a seed: the same ``(seed, n_docs)`` gives byte-identical text on any
 machine (only :class:`random.Random`, which is specified to be stable across platforms, is used).

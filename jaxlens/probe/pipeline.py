@@ -10,8 +10,8 @@ Stages (each a function, so the diagnostics of spec §2.12-2.28 can slot in afte
 1. :func:`prepare`       tokenise every pass (BOS policy of the tokenizer) and align its gold answer
 2. :func:`run_passes`    forward + norm-lens stats (all positions, top-20) + pure next-token stats
                          (last position, top-50, gathered answer / control / prompt-token logits)
-3. :func:`pass_metrics`  spec §2 metrics and per-pass summaries (jaxlens.metrics)
-   diagnostics           spec §2.12-2.20, 2.23, 2.26, 2.28 (jaxlens.diagnostics): a fused decode stage before
+3. :func:`pass_metrics`  spec §2 metrics and per-pass summaries (jaxlens.probe.metrics)
+   diagnostics           spec §2.12-2.20, 2.23, 2.26, 2.28 (jaxlens.probe.diagnostics): a fused decode stage before
                          pass_metrics (raw-vs-norm pair stats, norm temperatures, re-decode) and a summary
                          stage after it; no extra forward pass (except the optional forward-of-two gate)
 4. :func:`assemble`      records / pure rows, the JSON document
@@ -30,16 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import diagnostics as D
-from . import gold as gold_mod
-from . import metrics as M
-from . import probe_tuned as PT
-from .errors import JaxlensError
-from .lens import lens_stats
-from .loader import pad_batch
-from .suite import Suite, load_suite
+from jaxlens.lens import multi as LM
+from jaxlens.models.loader import pad_batch
+from jaxlens.probe import diagnostics as D
+from jaxlens.probe import gold as gold_mod
+from jaxlens.probe import metrics as M
+from jaxlens.probe import summaries as SU
+from jaxlens.probe import tuned as PT
+from jaxlens.probe.passes import pass_metrics, prepare, pure_rows, run_passes
+from jaxlens.probe.suite import Suite, load_suite
 
-NEXT_TOKEN = "⟨NEXT⟩"
 SEED = 316
 
 # Reference bugs this pipeline fixes (spec Appendix A); recorded in the JSON provenance and the README.
@@ -50,7 +50,7 @@ FIXED_REFERENCE_BUGS = {
           "(reference: '0.70' lookup, so the result could only be 'none' or 'mixed')",
     "Q4": "Gemma-2's final logit softcap is applied in every lens, so the last-layer KL is 0 "
           "(reference: ~1 bit on Gemma-2)",
-    # diagnostics (jaxlens.diagnostics); see docs/reference_bugs.md
+    # diagnostics (jaxlens.probe.diagnostics); see docs/reference_bugs.md
     "Q3": "the position window scores the gold answer at every grid position (reference: only at the last, "
           "so rank1_frac < 0.5 always); --reference-quirks restores the reference",
     "Q5": "the raw-lens sample summary uses the samples of every sampled pass and sets the window radius of "
@@ -60,7 +60,7 @@ FIXED_REFERENCE_BUGS = {
            "--reference-quirks restores the reference",
     "N2": "each pure row carries its own pass's raw/consecutive top-50 Jaccards (reference: every pos row of a "
           "variant shows the last fact's values); --reference-quirks restores the reference",
-    # tuned lens (jaxlens.probe_tuned)
+    # tuned lens (jaxlens.probe.tuned)
     "Q2": "the tuned audit (variants, positions, head mismatch, audit summary) describes the primary fact "
           "(reference: the last pos/orig pass, Canada); --reference-quirks restores the reference",
     "Q9": "skip-layers sanity at m decodes layer n-m, i.e. really skips m blocks (reference: layer n-m+1); "
@@ -68,26 +68,6 @@ FIXED_REFERENCE_BUGS = {
     "N3": "prefer_tuned's rank rule needs the tuned lens to reach rank <= 5 at least one layer earlier "
           "(reference: a gain of 0 passes on models with < 10 layers); --reference-quirks restores the reference",
 }
-
-
-@dataclasses.dataclass
-class PassInput:
-    """One lens pass (a prompt) after tokenisation and gold alignment."""
-
-    spec: Any                      # suite.PromptPass
-    input_ids: list
-    ctx_ids: list
-    gold: gold_mod.GoldAlignment
-    token_strs: list
-    verbose: list                  # positions given top-20 in the records CSV
-
-
-@dataclasses.dataclass
-class PassResult:
-    inp: PassInput
-    pure: dict                     # pure next-token columns (metrics.pure_next_token_metrics)
-    summary: dict                  # metrics.summarize_pass
-    records: list                  # records CSV rows (dicts)
 
 
 @dataclasses.dataclass
@@ -106,185 +86,6 @@ class ProbeResult:
         return milestones_table(self)
 
 
-# --------------------------------------------------------------------------------------------------
-# 1. tokenisation and gold alignment
-
-
-def prepare(model, suite: Suite) -> list:
-    tok = model.tokenizer
-    important = suite.records.important_words
-    out = []
-    for p in suite.passes():
-        ids = gold_mod.model_input_ids(tok, p.text)
-        if not ids:
-            raise JaxlensError(f"prompt {p.text!r} tokenises to nothing")
-        strs = gold_mod.position_strings(tok, ids)
-        out.append(PassInput(spec=p, input_ids=list(ids), ctx_ids=gold_mod.ctx_ids(tok, p.text),
-                             gold=gold_mod.align_gold(tok, p.text, p.answer, pieces_k=suite.thresholds.gold.pieces_k),
-                             token_strs=strs, verbose=M.verbose_positions(strs, important)))
-    return out
-
-
-def _ragged(rows: list, fill=-1) -> np.ndarray:
-    S = max(1, max(len(r) for r in rows))
-    out = np.full((len(rows), S), fill, np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. the batched forward and the fused lens decodes
-
-
-def run_passes(model, suite: Suite, inputs: list, decode) -> dict:
-    """One forward of every pass; norm-lens stats at all positions and at the last position."""
-    ids, mask = pad_batch([p.input_ids for p in inputs])
-    t0 = time.perf_counter()
-    fw = model.forward(ids, mask)
-    jax.block_until_ready(fw.logits)
-    t1 = time.perf_counter()
-    golds = np.array([p.gold.first_id if p.gold.first_id is not None else -1 for p in inputs], np.int32)
-    k_all = max(suite.records.top_k_verbose, suite.records.top_k_default)
-    allpos = lens_stats(model, fw, "norm", gold_ids=golds, top_k=k_all, positions="all", cosine=False).numpy()
-    # pure next-token rows: answer, the control's two answers, and the prompt vocabulary, gathered
-    primary_gold = inputs[0].gold.first_id
-    prompt_vocab = [M.prompt_vocab(p.ctx_ids, decode) for p in inputs]
-    gather = []
-    for p, pv in zip(inputs, prompt_vocab):
-        ctl = [p.gold.first_id if p.gold.first_id is not None else -1,
-               primary_gold if primary_gold is not None else -1]
-        gather.append(ctl + list(pv))
-    K = max(suite.thresholds.surface.topk_prompt_k, suite.records.pure_top_k, suite.thresholds.raw_lens.topk_jaccard_k)
-    # the norm and the raw lens together, in one streaming pass (the raw one feeds the diagnostics)
-    last_kwargs = dict(gold_ids=golds, top_k=min(64, K), gather_ids=_ragged(gather), return_rows=True)
-    last, raw_last = D.last_position_stats(model, fw, **last_kwargs)
-    t2 = time.perf_counter()
-    return dict(fw=fw, ids=ids, mask=mask, allpos=allpos, last=last, raw_last=raw_last, last_kwargs=last_kwargs,
-                prompt_vocab=prompt_vocab, timings={"forward_s": t1 - t0, "lens_s": t2 - t1})
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. metrics per pass
-
-
-def pass_metrics(model, suite: Suite, inputs: list, dec: dict, decode,
-                 quirks: M.ReferenceQuirks = M.ReferenceQuirks(), diag_cols: list | None = None) -> list:
-    """``diag_cols``: per pass, the pure columns of the diagnostics decode stage
-    (:attr:`jaxlens.diagnostics.DecodeDiagnostics.pure_columns`: kl_to_final_bits_norm_temp, the raw /
-    consecutive top-50 Jaccards, resid_norm_ratio, delta_resid_cos); blank without it."""
-    return lens_pass_metrics(model, suite, inputs, dec, dec["last"], dec["allpos"], decode, lens="norm",
-                             quirks=quirks, diag_cols=diag_cols)
-
-
-def lens_pass_metrics(model, suite: Suite, inputs: list, dec: dict, last, allpos, decode, *, lens: str,
-                      quirks: M.ReferenceQuirks = M.ReferenceQuirks(), diag_cols: list | None = None) -> list:
-    """Pure next-token columns, the per-pass summary and the records rows of every pass for one lens.
-
-    ``last``: the lens's last-position :class:`~jaxlens.lens.LensStats` (numpy; gathered logits at
-    ``dec["last_kwargs"]["gather_ids"]``, rows returned); ``allpos``: its all-positions stats. Both carry
-    the same layers (0..n for the norm lens, 1..n for the tuned lens); ``lens`` tags the summary keys.
-    """
-    spec = model.spec
-    n = spec.n_layers
-    V = spec.vocab_size
-    th = suite.thresholds
-    W = np.asarray(model.unembedding()[0], np.float32)
-    layers = [int(x) for x in last.layers]
-    logits = np.asarray(dec["fw"].logits)
-    results = []
-    for b, p in enumerate(inputs):
-        T = len(p.input_ids)
-        t = T - 1
-        g = p.gold
-        gid = g.first_id
-        gl = last.gathered_logits[:, b, 0]                         # [R, S]: answer, primary answer, prompt vocab
-        lse = last.lse[:, b, 0]
-        top_ids = last.top_ids[:, b, 0]
-        top_probs = last.top_probs[:, b, 0]
-        with np.errstate(divide="ignore"):
-            top_scores = np.log(top_probs.astype(np.float64)) + lse[:, None]
-        pv = dec["prompt_vocab"][b]
-        prompt_probs = np.exp(gl[:, 2:2 + len(pv)].astype(np.float64) - lse[:, None])
-        rows = last.rows[:, b, 0].astype(np.float32)                 # h_geom [R, d] (before any temperature)
-        cos_answer, cos_prompt = M.geom_cosines(rows, W, gid, pv)
-        control = None
-        if p.spec.is_control:
-            control = (np.exp(gl[:, 0] - lse), np.exp(gl[:, 1] - lse))
-        teacher_H = M.teacher_entropy_bits(logits[b, t])
-        extra = dict(diag_cols[b]) if diag_cols is not None else {}
-        cols = M.pure_next_token_metrics(
-            entropy_bits=last.entropy_bits[:, b, 0], kl_to_final_bits=last.kl_to_final_bits[:, b, 0],
-            top_ids=top_ids, top_probs=top_probs, teacher_entropy_bits=teacher_H, vocab_size=V,
-            ctx_ids=p.ctx_ids, decode=decode, gold_id=gid, gold_string=g.string if g.ok else None,
-            gold_rank=last.gold_rank[:, b, 0] if gid is not None else None,
-            gold_prob=last.gold_prob[:, b, 0] if gid is not None else None,
-            answer_score=gl[:, 0] if gid is not None else None, top_scores=top_scores,
-            cos_to_final=last.cos_to_final[:, b, 0], cos_to_answer=cos_answer, cos_to_prompt=cos_prompt,
-            prompt_probs=prompt_probs, prompt_vocab_ids=pv, control_probs=control,
-            kl_to_final_bits_norm_temp=extra.pop("kl_to_final_bits_norm_temp", None),
-            layers=layers, lens=lens, thresholds=th, pure_top_k=suite.records.pure_top_k, pos=t)
-        cols.update(extra)
-        summary = M.summarize_pass(cols, n_layers=n, lens=lens, p_uniform=1.0 / V, thresholds=th,
-                                   quirks=quirks)
-        records = _records_rows(p, allpos, b, decode, suite)
-        results.append(PassResult(inp=p, pure=cols, summary=summary, records=records))
-    return results
-
-
-def _records_rows(p: PassInput, allpos, b: int, decode, suite: Suite) -> list:
-    T = len(p.input_ids)
-    kv, kd = suite.records.top_k_verbose, suite.records.top_k_default
-    ent = allpos.entropy_bits[:, b, :T]
-    tid = allpos.top_ids[:, b, :T]
-    tpr = allpos.top_probs[:, b, :T]
-    base = _pass_keys(p.spec)
-    rows = []
-    for i, layer in enumerate(int(x) for x in allpos.layers):
-        for t in range(T):
-            k = kv if p.verbose[t] else kd
-            row = dict(base, layer=layer, pos=t, token=p.token_strs[t], entropy=float(ent[i, t]),
-                       entropy_bits=float(ent[i, t]))
-            for j in range(k):
-                row[f"top{j + 1}"] = decode(int(tid[i, t, j]))
-                row[f"prob{j + 1}"] = float(tpr[i, t, j])
-            row["rest_mass"] = float(M.rest_mass(tpr[i, t, :k]))
-            rows.append(row)
-    return rows
-
-
-def _pass_keys(ps) -> dict:
-    return {"fact_key": ps.fact_key, "fact_index": ps.fact_index, "prompt_id": ps.prompt_id,
-            "prompt_variant": ps.variant}
-
-
-# --------------------------------------------------------------------------------------------------
-# 4. rows and the JSON document
-
-
-_PURE_SKIP = {"layer", "top1_id", "top1", "top_ids", "top_probs", "entropy", "entropy_bits", "rest_mass",
-              "control_top2_logit_gap"}
-
-
-def pure_rows(res: PassResult, decode, k: int) -> list:
-    cols = res.pure
-    n_rows = len(cols["layer"])
-    T = len(res.inp.input_ids)
-    out = []
-    for i in range(n_rows):
-        row = dict(_pass_keys(res.inp.spec), layer=cols["layer"][i], pos=T - 1, token=NEXT_TOKEN,
-                   entropy=cols["entropy"][i], entropy_bits=cols["entropy_bits"][i])
-        for j in range(k):
-            row[f"top{j + 1}"] = decode(int(cols["top_ids"][i][j]))
-            row[f"prob{j + 1}"] = float(cols["top_probs"][i][j])
-        row["rest_mass"] = cols["rest_mass"][i]
-        for name, vals in cols.items():
-            if name not in _PURE_SKIP:
-                row[name] = vals[i]
-        out.append(row)
-    return out
-
-
 def _norm_type(spec) -> str:
     return "LayerNorm" if spec.norm == "layer" else "RMSNorm"
 
@@ -299,7 +100,7 @@ def _env(model) -> dict:
 
 
 def _version():
-    from . import __version__
+    from jaxlens import __version__
 
     return __version__
 
@@ -339,7 +140,7 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
     W, b = model.unembedding()
     logits = np.asarray(dec["fw"].logits)
     T0 = len(prim.inp.input_ids)
-    fin = M.final_head_probe(logits[0, T0 - 1], decode, top_k=suite.final_head.final_prediction_top_k)
+    fin = SU.final_head_probe(logits[0, T0 - 1], decode, top_k=suite.final_head.final_prediction_top_k)
     facts = []
     for f in suite.facts:
         r = by_key[("pos", orig_v, f.index)]
@@ -347,13 +148,13 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
                       "row_offset": offsets[("pos", orig_v, f.index)],
                       # confirmed semantics exist for the primary fact only (reference, Q11)
                       "L_semantic_confirmed": dg.L_semantic_confirmed if (dg is not None and f.index == 0) else None})
-    micro = M.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
+    micro = SU.micro_suite(facts, n_layers=n, notes=suite.micro_suite_notes)
     ctl = next(r for r in results if r.inp.spec.is_control)
-    control_sum = M.control_summary(ctl.pure, control_answer_id=ctl.inp.gold.first_id,
+    control_sum = SU.control_summary(ctl.pure, control_answer_id=ctl.inp.gold.first_id,
                                     delta_top2_logit=th.control.delta_top2_logit)
     ablation = None
     if abl_v is not None:
-        ablation = M.ablation_summary(prim.summary, by_key[("pos", abl_v, 0)].summary)
+        ablation = SU.ablation_summary(prim.summary, by_key[("pos", abl_v, 0)].summary)
     order = suite.gold_alignment_order()
     by_pass = {(r.inp.spec.prompt_id, r.inp.spec.variant, r.inp.spec.fact_index): r.inp for r in results}
     gold_prompts = []
@@ -378,7 +179,7 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
             "tau": th.surface.topk_prompt_tau, "semantic_margin": {"delta_abs": th.semantic.margin_delta_abs},
             "semantic_gate": {"delta_top2_logit": th.semantic.top2_delta_logit}},
         "answer_margin_unit": "logit",
-        "unembed_bias": M.unembed_bias_audit(None if b is None else np.asarray(b)),
+        "unembed_bias": SU.unembed_bias_audit(None if b is None else np.asarray(b)),
         **sec("head"),                                   # flags, prism_summary
         "copy_soft_config": {"threshold": th.copy.soft_threshold, "window_ks": list(th.copy.soft_window_ks),
                              "extra_thresholds": list(th.copy.soft_extra_thresholds)},
@@ -469,9 +270,9 @@ def final_head_probes(model, suite: Suite, decode) -> dict:
     fw = model.forward(ids, mask)
     lengths = mask.sum(1)
     last = np.asarray(jnp.take_along_axis(fw.logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0])
-    tests = [M.final_head_probe(last[i], decode, top_k=fh.test_prompts_top_k, kind="test_prompt", prompt=p)
+    tests = [SU.final_head_probe(last[i], decode, top_k=fh.test_prompts_top_k, kind="test_prompt", prompt=p)
              for i, p in enumerate(fh.test_prompts)]
-    temps = [M.final_head_probe(last[-1], decode, top_k=te.top_k, kind="temperature_exploration", temperature=t)
+    temps = [SU.final_head_probe(last[-1], decode, top_k=te.top_k, kind="temperature_exploration", temperature=t)
              for t in te.temperatures]
     return {"test_prompts": tests, "temperature_exploration": temps}
 
@@ -498,7 +299,7 @@ def output_names(name: str) -> dict:
 
 
 def write_outputs(result: ProbeResult, out_dir: str) -> list:
-    from .writers import OutputSet
+    from jaxlens.writers import OutputSet
 
     names = output_names(result.model_name)
     with OutputSet(out_dir) as out:
@@ -537,10 +338,10 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
 
     ``raw_lens_mode`` ("sample" / "full" / "off", env LOGOS_RAW_LENS) and ``repeat_forward`` ("auto" /
     "always" / "off", env LOGOS_REPEAT_FORWARD) are the reference's diagnostics knobs. ``tuned``: None or
-    "off" (no tuned lens), "auto" (a lens from :func:`jaxlens.probe_tuned.default_locations` if one exists),
+    "off" (no tuned lens), "auto" (a lens from :func:`jaxlens.probe.tuned.default_locations` if one exists),
     "require", a lens directory, or a loaded lens (:func:`jaxlens.load_lens`).
     """
-    from .loader import load_model
+    from jaxlens.models.loader import load_model
 
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
@@ -581,7 +382,7 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
 
     def rerun():  # the forward-of-two gate: the identical batched forward and decode again, primary pass
         dec2 = dict(dec, fw=model.forward(dec["ids"], dec["mask"]))
-        dec2["last"], dec2["raw_last"] = D.last_position_stats(model, dec2["fw"], **dec["last_kwargs"])
+        dec2["last"], dec2["raw_last"] = LM.last_position_stats(model, dec2["fw"], **dec["last_kwargs"])
         return pass_metrics(model, suite, inputs[:1], dec2, decode, quirks)[0], dec2["last"]
 
     dg = D.run_diagnostics(model, suite, inputs, results, dec, dd, decode, quirks, options=options,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import JaxlensError
+from jaxlens.errors import JaxlensError
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "phi3", "olmo2")

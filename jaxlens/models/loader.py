@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import convert, decoder
-from .checkpoint import open_checkpoint
-from .errors import JaxlensError
-from .sharding import shard_batch, sharding_for
-from .spec import ArchSpec, spec_from_config
+from jaxlens.models import convert
+from jaxlens.models import decoder
+from jaxlens.models.checkpoint import open_checkpoint
+from jaxlens.errors import JaxlensError
+from jaxlens.models.sharding import shard_batch, sharding_for
+from jaxlens.models.spec import ArchSpec, spec_from_config
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
-DEMO_DIR = os.path.join(os.path.dirname(__file__), "demo")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
 DEMO_TUNED_LENS_DIR = os.path.join(DEMO_DIR, "tuned_lens")   # a trained tuned lens for the demo (RECIPE.md)
 _HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
               "pytorch_model.bin.index.json", "flax_model.msgpack", "tokenizer*", "special_tokens_map.json",
@@ -35,7 +36,7 @@ def resolve_source(source: str) -> str:
     if source == "demo":
         if not os.path.exists(os.path.join(DEMO_DIR, "config.json")):
             raise JaxlensError("the bundled demo model is missing from this installation "
-                               f"({DEMO_DIR}); regenerate it with: python -m jaxlens.demo_train")
+                               f"({DEMO_DIR}); regenerate it with: python -m jaxlens.demo.train")
         return DEMO_DIR
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
@@ -173,11 +174,11 @@ def load_params(spec: ArchSpec, directory: str, dtype, mesh=None) -> dict:
 
 
 def load_model(source: str = "demo", dtype: str = "float32", mesh=None) -> Model:
-    """Load a Hugging Face causal LM for jaxlens. See ``shared/API.md``.
+    """Load a Hugging Face causal LM for jaxlens. See the README's "Python" section.
 
     source: ``"demo"``, a local HF directory, or a hub id (resolved through the HF cache).
     dtype:  compute dtype of weights and activations: "float32", "bfloat16" or "float16".
-    mesh:   optional (data, fsdp, tensor) mesh from :func:`jaxlens.sharding.make_mesh`; each tensor is
+    mesh:   optional (data, fsdp, tensor) mesh from :func:`jaxlens.models.sharding.make_mesh`; each tensor is
             placed on its sharding as it is read.
     """
     if dtype not in DTYPES:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from .errors import JaxlensError
+from jaxlens.errors import JaxlensError
 
 __all__ = [
     "GoldAlignment",
@@ -226,7 +226,7 @@ def decode_token(tokenizer, token_id: int) -> str:
 
 def token_decoder(tokenizer) -> Callable[[int], str]:
     """A memoised ``decode(id) -> str`` built on :func:`decode_token` (the ``decode`` callable that
-    :mod:`jaxlens.metrics` takes)."""
+    :mod:`jaxlens.probe.metrics` takes)."""
     cache: dict = {}
 
     def decode(token_id: int) -> str:

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from .errors import JaxlensError
+from jaxlens.errors import JaxlensError
 
 try:
     import ml_dtypes

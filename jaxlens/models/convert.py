@@ -17,8 +17,8 @@ import re
 
 import numpy as np
 
-from .errors import JaxlensError
-from .spec import ArchSpec
+from jaxlens.errors import JaxlensError
+from jaxlens.models.spec import ArchSpec
 
 _ATTN = [
     ("{p}layers.{i}.self_attn.q_proj.weight", [("blocks.wq", ("T", "out:H"))]),
