@@ -16,6 +16,7 @@ import hf_factory as F
 CHUNK = 256
 REL = 1e-5
 KL_ATOL = 1e-5   # bits; KLs near 0 cannot be compared relatively
+P_ATOL = 1e-12  # probabilities of ~1e-31 carry fp32 logit rounding (|z| ~ 70) of ~1e-5 relative
 
 
 def _log_softmax(z):
@@ -149,7 +150,7 @@ def test_subsets_last_position_and_affine_lens(loaded):
     np.testing.assert_allclose(st.entropy_bits, H, rtol=REL, atol=KL_ATOL)
     np.testing.assert_allclose(st.kl_to_final_bits, kl, rtol=REL, atol=KL_ATOL)
     np.testing.assert_allclose(st.kl_final_to_layer_bits, klr, rtol=REL, atol=KL_ATOL)
-    np.testing.assert_allclose(st.gold_prob, gp, rtol=REL)
+    np.testing.assert_allclose(st.gold_prob, gp, rtol=REL, atol=P_ATOL)
     np.testing.assert_array_equal(st.gold_rank, rank)
     np.testing.assert_array_equal(st.top_ids, np.argsort(-z, axis=-1, kind="stable")[..., :5])
 

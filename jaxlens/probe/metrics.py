@@ -110,13 +110,16 @@ class ReferenceQuirks:
     q9_skip_layer_index: bool = False
     #: N3: prefer_tuned's rank rule accepts a gain of 0 layers when round(0.05 n) == 0 (models under 10 layers).
     n3_prefer_tuned_gain_zero: bool = False
+    #: N4: ``tuned_is_calibration_only`` (rot_p50 < 0.2 and temp_p50 >= 0.8 tuned_p50) also fires when the
+    #: tuned lens gains nothing (tuned_p50 <= 0), where its verdict is decided by the sign of rounding noise.
+    n4_calibration_only_without_gain: bool = False
 
     @classmethod
     def reference(cls) -> "ReferenceQuirks":
         return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True, q3_position_window_last_only=True,
                    q5_raw_sample_summary_once=True, q13_forward_jaccard_top5=True,
                    n2_jaccard_writeback_by_variant=True, q2_tuned_audit_last_fact=True, q9_skip_layer_index=True,
-                   n3_prefer_tuned_gain_zero=True)
+                   n3_prefer_tuned_gain_zero=True, n4_calibration_only_without_gain=True)
 
 
 # ==============================================================================================

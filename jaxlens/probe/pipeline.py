@@ -67,6 +67,8 @@ FIXED_REFERENCE_BUGS = {
           "--reference-quirks restores the reference",
     "N3": "prefer_tuned's rank rule needs the tuned lens to reach rank <= 5 at least one layer earlier "
           "(reference: a gain of 0 passes on models with < 10 layers); --reference-quirks restores the reference",
+    "N4": "tuned_is_calibration_only needs a positive tuned gain (tuned_p50 > 0); without one the reference rule "
+          "decides on rounding noise around 0; --reference-quirks restores the reference",
 }
 
 
@@ -252,7 +254,7 @@ def _fixed_bugs(quirks: M.ReferenceQuirks) -> dict:
     for flag, key in (("q3_position_window_last_only", "Q3"), ("q5_raw_sample_summary_once", "Q5"),
                       ("q13_forward_jaccard_top5", "Q13"), ("n2_jaccard_writeback_by_variant", "N2"),
                       ("q2_tuned_audit_last_fact", "Q2"), ("q9_skip_layer_index", "Q9"),
-                      ("n3_prefer_tuned_gain_zero", "N3")):
+                      ("n3_prefer_tuned_gain_zero", "N3"), ("n4_calibration_only_without_gain", "N4")):
         if getattr(quirks, flag, False):
             out.pop(key)
     return out

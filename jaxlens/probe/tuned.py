@@ -265,8 +265,12 @@ def head_mismatch(z_tuned_last, z_final, kl_bits_tuned_final: float) -> dict:
             "tau_star_modelcal": tau2}
 
 
-def audit_summary(variants: list, positions: list, head: dict, fractions=D.POSITION_GRID) -> dict:
-    """§3.6 ``audit_summary`` from the variant rows, the position-grid rows and the head mismatch."""
+def audit_summary(variants: list, positions: list, head: dict, fractions=D.POSITION_GRID,
+                  quirks: M.ReferenceQuirks = M.ReferenceQuirks()) -> dict:
+    """§3.6 ``audit_summary`` from the variant rows, the position-grid rows and the head mismatch.
+
+    N4 (fixed): "calibration only" needs a positive tuned gain to attribute (tuned_p50 > 0); without one the
+    reference rule compares noise around 0 (``quirks.n4_calibration_only_without_gain`` restores it)."""
     def pct(key, q):
         return M.percentile([r[key] for r in variants], q)
 
@@ -279,7 +283,8 @@ def audit_summary(variants: list, positions: list, head: dict, fractions=D.POSIT
     ood = M.percentile([r["delta_kl_bits_tuned"] for r in positions if r["pos_frac"] >= 0.96], .5)
     rot50, temp50, tuned50 = rvt["delta_kl_rot_p50"], rvt["delta_kl_temp_p50"], rvt["delta_kl_tuned_p50"]
     calib = bool(rot50 is not None and temp50 is not None and tuned50 is not None
-                 and rot50 < 0.2 and temp50 >= 0.8 * tuned50)
+                 and rot50 < 0.2 and temp50 >= 0.8 * tuned50
+                 and (tuned50 > 0 or quirks.n4_calibration_only_without_gain))
     hint = "tuned_for_calibration_only" if calib else ("tuned" if (tuned50 is not None and tuned50 > 0.2) else "norm")
     return {"rotation_vs_temperature": rvt,
             "positional": {"pos_grid": [float(f) for f in fractions], "pos_in_dist_le_0.92": ind,
@@ -486,7 +491,7 @@ def run_tuned(model, suite, inputs, dec, norm_results, dd, decode, source: Tuned
                               "entropy_bits_tuned": float(tb.entropy_bits[i, 0, j])})
     z_t = LM.target_logits(model, fw, b, T - 1, tuned_lens=lens, tuned_layers=[n])["tuned"][n]
     head = head_mismatch(z_t, np.asarray(fw.logits[b, T - 1]), float(kl["tuned"][-1]))
-    audit = audit_summary(variants, positions, head)
+    audit = audit_summary(variants, positions, head, quirks=quirks)
     t2 = time.perf_counter()
 
     base_l, tuned_l = _skip_losses(model, suite, inputs, dec, lens, n, quirks)
