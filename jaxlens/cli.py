@@ -54,16 +54,37 @@ def _cmd_probe(args) -> int:
         from jaxlens.errors import JaxlensError
 
         raise JaxlensError(f"--tuned {tuned}: no such lens directory (or use auto, off, require)")
+    prism = args.prism
+    if prism not in ("auto", "on", "off") and not os.path.isdir(os.path.expanduser(prism)):
+        from jaxlens.errors import JaxlensError
+
+        raise JaxlensError(f"--prism {prism}: no such Prism directory (or use auto, on, off)")
     say(f"loading {args.model} ({args.dtype})")
     model = load_model(args.model, dtype=args.dtype)
     quirks = ReferenceQuirks.reference() if args.reference_quirks else None
-    result = run_probe(model, suite=suite, out_dir=args.out, quirks=quirks, progress=say, tuned=tuned)
+    result = run_probe(model, suite=suite, out_dir=args.out, quirks=quirks, progress=say, tuned=tuned, prism=prism)
     print(result.milestones_table())
     t = result.timings
     print(f"\n{len(result.pure_rows)} pure rows, {len(result.records)} records; forward {t['forward_s']:.2f} s, "
           f"lens decode {t['lens_s']:.2f} s, total {t['total_s']:.2f} s (incl. compile)")
     for path in result.paths:
         print(path)
+    return 0
+
+
+def _cmd_fit_prism(args) -> int:
+    from train_tuned.prism import fit_prism
+
+    res = fit_prism(args.model, args.out, data=args.data, k=args.k, layers=args.layers, tokens=args.tokens,
+                    reservoir=args.reservoir, reference_quirks=args.reference_quirks, seq_len=args.seq_len,
+                    batch_seqs=args.batch, mesh=args.mesh, dtype=args.dtype, text_field=args.text_field,
+                    force=args.force, progress=not args.quiet, log=(lambda msg: None) if args.quiet else None)
+    p, t = res.provenance, res.timings
+    rate = f"{t['rows_per_s']:,.0f} rows/s" if t.get("rows_per_s") else "-"
+    print(f"Prism ({p['jaxlens']['recipe']} recipe): k {p['k']}, layers {p['layers']}, {p['tokens_seen']} rows, "
+          f"reservoir {p['reservoir']}, orthogonality error {p['orthogonality_error']:.2e}; "
+          f"rows {t['stream_s']:.2f} s ({rate}), bases + Procrustes {t['linalg_s']:.2f} s")
+    print(res.out)
     return 0
 
 
@@ -120,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a tuned lens directory (jaxlens, tuned-lens or reference format) to decode too, or a mode: "
                     "auto (default; env LOGOS_TUNED): use tuned_lenses/<name>/ or the model's tuned_lens/ if present; "
                     "require: the same, but fail without one; off")
+    pr.add_argument("--prism", default=os.environ.get("LOGOS_PRISM", "auto"), metavar="DIR|MODE",
+                    help="a Prism directory (fit-prism / reference format) to decode too, or a mode: auto (default; "
+                    "env LOGOS_PRISM): use prisms/<name>/ or the model's prism/ if present; on: the same, but fail "
+                    "without one; off")
     pr.add_argument("--reference-quirks", action="store_true",
                     help="reproduce the reference's known bugs (Q1, N1, Q3, Q5, Q13, N2; docs/reference_bugs.md) "
                          "instead of fixing them")
@@ -165,6 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval_lens)
+    fp = sub.add_parser("fit-prism", help="fit a Prism (shared whitening + Procrustes decoder, spec §4.1)")
+    fp.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
+    fp.add_argument("--out", required=True, metavar="DIR", help="Prism directory (reference + jaxlens formats)")
+    fp.add_argument("--data", default=None, help="rows' text: a text file (paragraphs = documents), a .jsonl file "
+                    "or hf:NAME[:CONFIG][@SPLIT] (default for the demo model: its generated corpus); with "
+                    "--reference-quirks a prompt file, one per line (default: the reference's 10 prompts)")
+    fp.add_argument("--k", type=int, default=None, help="basis size (default min(512, d_model))")
+    fp.add_argument("--layers", default=None, help="jaxlens layers to sample, e.g. 0,10,20,30 ('embed' = 0; "
+                    "default: the embeddings and about 25/50/75%% depth)")
+    fp.add_argument("--tokens", type=int, default=None, help="rows to accumulate, one per (token position, "
+                    "sampled layer), the reference's 'tokens' (default by model size: 100,000 up to 14B)")
+    fp.add_argument("--reservoir", type=int, default=None, help="reservoir rows for the PCA (default by model "
+                    "size: 20,000 up to 14B)")
+    fp.add_argument("--reference-quirks", action="store_true", help="the reference's recipe (Q6): raw-residual "
+                    "statistics, Q in its transposed orientation, the last position of 10 prompts cycled")
+    fp.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default min(512, model))")
+    fp.add_argument("--batch", type=int, default=None, help="sequences per forward (default ~4096 tokens)")
+    fp.add_argument("--mesh", default=None, help="data=N,fsdp=N,tensor=N: shard the model, rows data-parallel")
+    fp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    fp.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
+    fp.add_argument("--force", action="store_true", help="replace a Prism already in DIR")
+    fp.add_argument("--quiet", action="store_true", help="no progress output")
+    fp.set_defaults(func=_cmd_fit_prism)
     return p
 
 

@@ -113,13 +113,18 @@ class ReferenceQuirks:
     #: N4: ``tuned_is_calibration_only`` (rot_p50 < 0.2 and temp_p50 >= 0.8 tuned_p50) also fires when the
     #: tuned lens gains nothing (tuned_p50 <= 0), where its verdict is decided by the sign of rounding noise.
     n4_calibration_only_without_gain: bool = False
+    #: Q6: Prism's fit (``jaxlens fit-prism --reference-quirks``, train_tuned.prism): whitening statistics of
+    #: raw residuals (the decoder whitens normalised ones), Q in the transposed orientation, 10 prompts cycled.
+    #: In the probe it records the decoded Prism's recipe (set from the artifact's provenance when one is used).
+    q6_prism_reference_fit: bool = False
 
     @classmethod
     def reference(cls) -> "ReferenceQuirks":
         return cls(q1_gap_not_in_summaries=True, copy_stability_key_bug=True, q3_position_window_last_only=True,
                    q5_raw_sample_summary_once=True, q13_forward_jaccard_top5=True,
                    n2_jaccard_writeback_by_variant=True, q2_tuned_audit_last_fact=True, q9_skip_layer_index=True,
-                   n3_prefer_tuned_gain_zero=True, n4_calibration_only_without_gain=True)
+                   n3_prefer_tuned_gain_zero=True, n4_calibration_only_without_gain=True,
+                   q6_prism_reference_fit=True)
 
 
 # ==============================================================================================

@@ -35,6 +35,7 @@ from jaxlens.models.loader import pad_batch
 from jaxlens.probe import diagnostics as D
 from jaxlens.probe import gold as gold_mod
 from jaxlens.probe import metrics as M
+from jaxlens.probe import prism as PP
 from jaxlens.probe import summaries as SU
 from jaxlens.probe import tuned as PT
 from jaxlens.probe.passes import pass_metrics, prepare, pure_rows, run_passes
@@ -69,6 +70,11 @@ FIXED_REFERENCE_BUGS = {
           "(reference: a gain of 0 passes on models with < 10 layers); --reference-quirks restores the reference",
     "N4": "tuned_is_calibration_only needs a positive tuned gain (tuned_p50 > 0); without one the reference rule "
           "decides on rounding noise around 0; --reference-quirks restores the reference",
+    # Prism (train_tuned.prism fits, jaxlens.probe.prism decodes)
+    "Q6": "Prism is fitted on the normalised residuals the decoder whitens, its Q is saved as the matrix the "
+          "decoder right-multiplies and its rows are every position of a real data stream (reference: raw-residual "
+          "statistics, transposed Q, 10 prompts cycled); a Prism fitted with fit-prism --reference-quirks (or by "
+          "the reference) removes this entry",
 }
 
 
@@ -83,6 +89,7 @@ class ProbeResult:
     paths: list = dataclasses.field(default_factory=list)
     sidecars: dict = dataclasses.field(default_factory=dict)    # csv kind -> rows (raw lens, milestones, audit)
     tuned: Any = None                                            # probe_tuned.TunedResult when a tuned lens ran
+    prism: Any = None                                            # probe.prism.PrismResult when a Prism ran
 
     def milestones_table(self) -> str:
         return milestones_table(self)
@@ -118,7 +125,8 @@ def _jaxlib_version():
 
 def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits: dict,
              quirks: M.ReferenceQuirks = M.ReferenceQuirks(), dg: "D.DiagnosticsResult | None" = None,
-             tuned_source: "PT.TunedSource | None" = None, tuned: "PT.TunedResult | None" = None) -> tuple:
+             tuned_source: "PT.TunedSource | None" = None, tuned: "PT.TunedResult | None" = None,
+             prism_block: dict | None = None) -> tuple:
     """Records, pure rows and the JSON document; ``dg`` (the diagnostics stage's result) adds the
     diagnostics blocks at their reference positions (left out without it); ``tuned_source`` / ``tuned``
     the tuned lens's status and blocks (status "disabled" without them)."""
@@ -188,6 +196,8 @@ def assemble(model, suite: Suite, results: list, dec: dict, decode, test_logits:
         **sec("calibration"),                            # tau_norm_per_layer (+ how it was fitted)
         "copy_mask": M.copy_ignore_mask(decode, spec.vocab_size),
     }
+    if prism_block is not None and "prism_summary" in diag:
+        diag["prism_summary"] = prism_block              # jaxlens.probe.prism (spec §4.3)
     diag.update(prim.summary)
     diag.update(sec("per_pass"))                         # gate stability ... lens consistency
     diag["gold_alignment"] = prim.inp.gold.alignment()
@@ -254,7 +264,8 @@ def _fixed_bugs(quirks: M.ReferenceQuirks) -> dict:
     for flag, key in (("q3_position_window_last_only", "Q3"), ("q5_raw_sample_summary_once", "Q5"),
                       ("q13_forward_jaccard_top5", "Q13"), ("n2_jaccard_writeback_by_variant", "N2"),
                       ("q2_tuned_audit_last_fact", "Q2"), ("q9_skip_layer_index", "Q9"),
-                      ("n3_prefer_tuned_gain_zero", "N3"), ("n4_calibration_only_without_gain", "N4")):
+                      ("n3_prefer_tuned_gain_zero", "N3"), ("n4_calibration_only_without_gain", "N4"),
+                      ("q6_prism_reference_fit", "Q6")):
         if getattr(quirks, flag, False):
             out.pop(key)
     return out
@@ -289,8 +300,10 @@ SIDECARS = {"rawlens": "pure-next-token-rawlens", "rawlens_window": "pure-next-t
             "milestones": "milestones", "artifact_audit": "artifact-audit",
             # tuned lens (written when a tuned lens was decoded)
             "records_tuned": "records-tuned", "pure_tuned": "pure-next-token-tuned",
-            "tuned_variants": "pure-next-token-tuned-variants", "positions_audit": "positions-tuned-audit"}
-_WITH_COPY_FLAGS = {"pure-next-token-tuned"}
+            "tuned_variants": "pure-next-token-tuned-variants", "positions_audit": "positions-tuned-audit",
+            # Prism (written when a Prism was decoded)
+            "records_prism": "records-prism", "pure_prism": "pure-next-token-prism"}
+_WITH_COPY_FLAGS = {"pure-next-token-tuned", "pure-next-token-prism"}
 
 
 def output_names(name: str) -> dict:
@@ -322,7 +335,8 @@ def milestones_table(result: ProbeResult) -> str:
             "first_kl_below_0.5", "first_kl_below_1.0"]
     head = ["pass"] + cols
     lines = []
-    groups = [("", result.passes)] + ([(" (tuned)", result.tuned.passes)] if result.tuned is not None else [])
+    groups = [("", result.passes)] + ([(" (tuned)", result.tuned.passes)] if result.tuned is not None else []) \
+        + ([(" (prism)", result.prism.passes)] if result.prism is not None and result.prism.passes else [])
     for tag, passes in groups:
         for res in passes:
             p = res.inp.spec
@@ -335,13 +349,15 @@ def milestones_table(result: ProbeResult) -> str:
 
 def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = "runs/latest",
               quirks: M.ReferenceQuirks | None = None, progress=None, raw_lens_mode: str | None = None,
-              repeat_forward: str | None = None, tuned=None) -> ProbeResult:
+              repeat_forward: str | None = None, tuned=None, prism=None) -> ProbeResult:
     """Run the probe on a loaded model (or a source string); write the outputs unless out_dir is None.
 
     ``raw_lens_mode`` ("sample" / "full" / "off", env LOGOS_RAW_LENS) and ``repeat_forward`` ("auto" /
     "always" / "off", env LOGOS_REPEAT_FORWARD) are the reference's diagnostics knobs. ``tuned``: None or
     "off" (no tuned lens), "auto" (a lens from :func:`jaxlens.probe.tuned.default_locations` if one exists),
-    "require", a lens directory, or a loaded lens (:func:`jaxlens.load_lens`).
+    "require", a lens directory, or a loaded lens (:func:`jaxlens.load_lens`). ``prism``: None or "off",
+    "auto" (a Prism from :func:`jaxlens.probe.prism.default_locations` if one exists), "on" (the same, but an
+    error if there is none), a Prism directory, or a loaded Prism (:func:`jaxlens.lens.prism.load_prism`).
     """
     from jaxlens.models.loader import load_model
 
@@ -357,6 +373,7 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
     decode = gold_mod.token_decoder(model.tokenizer)
     say(f"{model!r}")
     tsrc = PT.resolve(model, tuned, say)              # before any model work: a bad --tuned fails fast
+    psrc = PP.resolve(model, prism, say)              # ... and so does a bad --prism
     inputs = prepare(model, suite)
     bad = [p for p in inputs if not p.gold.ok]
     for p in bad:
@@ -381,6 +398,14 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
         say(f"no tuned lens found for {model.name} (looked in {', '.join(PT.default_locations(model))}); "
             "tuned outputs skipped")
     t_tu = time.perf_counter()
+    pres = PP.run_prism(model, suite, inputs, dec, results, decode, psrc, quirks) if psrc.usable else None
+    if pres is not None:
+        say(f"Prism {psrc.path}: decode {pres.timings['prism_decode_s']:.2f} s"
+            + (f" ({pres.source.error})" if pres.source.error else ""))
+    rf = PP.reference_fit(psrc)                       # Q6: the decoded Prism's recipe, from its provenance
+    if rf is not None:
+        quirks = dataclasses.replace(quirks, q6_prism_reference_fit=rf)
+    t_pr = time.perf_counter()
 
     def rerun():  # the forward-of-two gate: the identical batched forward and decode again, primary pass
         dec2 = dict(dec, fw=model.forward(dec["ids"], dec["mask"]))
@@ -391,9 +416,10 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
                            tuned=None if tres is None else tres.inputs, rerun=rerun)
     t_fh = time.perf_counter()
     heads = final_head_probes(model, suite, decode)
-    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks, dg, tsrc, tres)
-    timings = dict(dec["timings"], metrics_s=t_rd - t_pm, tuned_s=t_tu - t_rd,
-                   diagnostics_s=(t_pm - t_dd) + (t_fh - t_tu), final_head_s=time.perf_counter() - t_fh,
+    doc, records, pure = assemble(model, suite, results, dec, decode, heads, quirks, dg, tsrc, tres,
+                                  prism_block=pres.summary_block if pres is not None else psrc.summary_block())
+    timings = dict(dec["timings"], metrics_s=t_rd - t_pm, tuned_s=t_tu - t_rd, prism_s=t_pr - t_tu,
+                   diagnostics_s=(t_pm - t_dd) + (t_fh - t_pr), final_head_s=time.perf_counter() - t_fh,
                    total_s=time.perf_counter() - t_start)
     sidecars = dict(dg.sidecars)
     if tres is not None:
@@ -401,8 +427,10 @@ def run_probe(model, *, suite: Suite | str = "reference", out_dir: str | None = 
         sidecars["pure-next-token-tuned"] = [r for res in tres.passes
                                              for r in pure_rows(res, decode, suite.records.pure_top_k)]
         sidecars.update(tres.sidecars)
+    if pres is not None:
+        sidecars.update(pres.sidecars)
     result = ProbeResult(model_name=model.name, json=doc, records=records, pure_rows=pure, passes=results,
-                         timings=timings, sidecars=sidecars, tuned=tres)
+                         timings=timings, sidecars=sidecars, tuned=tres, prism=pres)
     if out_dir is not None:
         result.paths = write_outputs(result, out_dir)
         say(f"wrote {len(result.paths)} files to {out_dir}")
