@@ -17,7 +17,9 @@ import numpy as np
 
 from jaxlens.models import convert
 from jaxlens.models import decoder
+from jaxlens.models import packaged
 from jaxlens.models.checkpoint import open_checkpoint
+from jaxlens.models.gguf import GGUFFile, find_gguf
 from jaxlens.errors import JaxlensError
 from jaxlens.models.sharding import shard_batch, sharding_for
 from jaxlens.models.spec import ArchSpec, spec_from_config
@@ -32,17 +34,25 @@ _HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytor
 
 
 def resolve_source(source: str) -> str:
-    """Local directory for ``source``: ``demo``, an existing directory, or a hub id via the HF cache."""
+    """Local path for ``source``: ``demo``, a packaged real model (:mod:`jaxlens.models.packaged`), an existing
+    directory or ``.gguf`` file, or a hub id via the HF cache."""
     if source == "demo":
         if not os.path.exists(os.path.join(DEMO_DIR, "config.json")):
             raise JaxlensError("the bundled demo model is missing from this installation "
                                f"({DEMO_DIR}); regenerate it with: python -m jaxlens.demo.train")
         return DEMO_DIR
+    if source in packaged.ALIASES:
+        return packaged.resolve(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         return expanded
     if os.path.exists(expanded):
-        raise JaxlensError(f"{source} is a file; pass the model directory that contains config.json")
+        if expanded.endswith(".gguf"):
+            return expanded
+        raise JaxlensError(f"{source} is a file; pass the model directory that contains config.json "
+                           "(or a .gguf file)")
+    if source.endswith(".gguf"):
+        raise JaxlensError(f"GGUF file {source} does not exist")
     looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
     if looks_like_path or source.count("/") != 1:
         raise JaxlensError(f"model directory {source} does not exist")
@@ -84,8 +94,9 @@ class Model:
     """A loaded checkpoint: ``spec``, ``params``, ``tokenizer``, and a jitted ``forward``."""
 
     def __init__(self, spec: ArchSpec, params: dict, *, path: str | None = None, source: str | None = None,
-                 config: dict | None = None, mesh=None):
+                 config: dict | None = None, mesh=None, tokenizer=None):
         self.spec = spec
+        self._tokenizer_factory = tokenizer   # callable building the tokenizer (GGUF metadata), else the directory's
         self.decoder = decoder.Decoder(spec, params)
         self.path = path
         self.source = source or path or "<in-memory>"
@@ -104,10 +115,15 @@ class Model:
     def name(self) -> str:
         """Last path component of the source (the reference's 'clean' model name)."""
         src = self.source.rstrip("/")
-        return "demo" if src == DEMO_DIR.rstrip("/") else os.path.basename(src) or src
+        if src == DEMO_DIR.rstrip("/"):
+            return "demo"
+        base = os.path.basename(src) or src
+        return base[:-len(".gguf")] if base.endswith(".gguf") else base
 
     @cached_property
     def tokenizer(self):
+        if self._tokenizer_factory is not None:
+            return self._tokenizer_factory()
         if self.path is None:
             raise JaxlensError("this model was built in memory and has no tokenizer")
         import logging
@@ -148,9 +164,10 @@ class Model:
                 f"{jnp.dtype(self.dtype).name})")
 
 
-def load_params(spec: ArchSpec, directory: str, dtype, mesh=None) -> dict:
-    """Stream-convert the checkpoint in ``directory`` into the jaxlens parameter tree."""
-    src = open_checkpoint(directory)
+def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
+    """Stream-convert a checkpoint (a HF directory, or an opened :class:`~jaxlens.models.checkpoint.TensorSource`)
+    into the jaxlens parameter tree, one source tensor at a time."""
+    src = open_checkpoint(directory) if isinstance(directory, (str, os.PathLike)) else directory
     layout = convert.flatten(decoder.param_layout(spec), "")  # dotted path -> (shape, axes)
     # flatten() stops at tuples, so layout values are (shape, axes) pairs
     expected = {k: tuple(v[0]) for k, v in layout.items()}
@@ -183,8 +200,16 @@ def load_model(source: str = "demo", dtype: str = "float32", mesh=None) -> Model
     """
     if dtype not in DTYPES:
         raise JaxlensError(f"dtype {dtype!r} is not supported (use float32, bfloat16 or float16)")
-    directory = resolve_source(source)
-    config = read_config(directory)
+    path = resolve_source(source)
+    gguf_path = path if path.endswith(".gguf") and os.path.isfile(path) else \
+        (find_gguf(path) if os.path.isdir(path) else None)
+    if gguf_path is not None:
+        gf = GGUFFile(gguf_path)
+        config = gf.config()
+        spec = spec_from_config(config, where=gf.name)
+        params = load_params(spec, gf.tensor_source(config), DTYPES[dtype], mesh)
+        return Model(spec, params, path=gguf_path, source=source, config=config, mesh=mesh, tokenizer=gf.tokenizer)
+    config = read_config(path)
     spec = spec_from_config(config)
-    params = load_params(spec, directory, DTYPES[dtype], mesh)
-    return Model(spec, params, path=directory, source=source, config=config, mesh=mesh)
+    params = load_params(spec, path, DTYPES[dtype], mesh)
+    return Model(spec, params, path=path, source=source, config=config, mesh=mesh)

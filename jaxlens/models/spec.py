@@ -44,6 +44,7 @@ _HARMLESS = {
     "use_parallel_residual", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
     "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "n_positions",
     "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "qkv_bias", "bias",
+    "is_llama_config",                    # nanotron export marker (SmolLM2)
 }
 
 # Known keys that change the math: accepted only at the listed harmless values.
@@ -53,7 +54,15 @@ _MUST_BE = {
     "add_cross_attention": (False, None),
     "is_encoder_decoder": (False, None),
     "quantization_config": (None,),
+    "use_mrope": (False, None),           # Qwen2-VL's multimodal rope; text Qwen2 configs write it as false
+    "rope_interleaved": (False, None),    # nanotron's interleaved rotary (SmolLM2 configs write it as false)
 }
+
+# Leading-underscore keys are loader metadata, except these, which jaxlens reads.
+_READ_PRIVATE = {"_sliding_window_pattern"}
+
+# Keys whose non-trivial value means a mixture-of-experts model.
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -242,9 +251,29 @@ def _freeze(d: dict) -> tuple:
     return tuple(sorted(d.items()))
 
 
-def spec_from_config(cfg: dict) -> ArchSpec:
-    """Build the :class:`ArchSpec` for a raw ``config.json`` dict; raise JaxlensError on anything unhandled."""
+def spec_from_config(cfg: dict, where: str | None = None) -> ArchSpec:
+    """Build the :class:`ArchSpec` for a raw ``config.json`` dict; raise JaxlensError on anything unhandled.
+
+    ``where`` names the config's origin in error messages when it is not a ``config.json`` (a GGUF file)."""
+    try:
+        return _spec_from_config(cfg)
+    except JaxlensError as e:
+        if where and str(e).startswith("config.json: "):
+            raise JaxlensError(f"{where} (its model config): {str(e)[len('config.json: '):]}") from None
+        raise
+
+
+def _is_moe(cfg: dict) -> bool:
+    mt = str(cfg.get("model_type") or "")
+    return mt.endswith("_moe") or mt in ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "olmoe") \
+        or any(cfg.get(k) not in (None, 0, 1) for k in _MOE_KEYS)
+
+
+def _spec_from_config(cfg: dict) -> ArchSpec:
     mt = cfg.get("model_type")
+    if _is_moe(cfg):
+        raise JaxlensError(f"config.json: model_type {mt!r} is a mixture-of-experts model; jaxlens supports "
+                           "dense decoders only (MoE is not supported)")
     if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
         raise JaxlensError("config.json: model_type 'gemma3' is the multimodal wrapper; "
                            "jaxlens supports its text model ('gemma3_text') only")
@@ -255,6 +284,8 @@ def spec_from_config(cfg: dict) -> ArchSpec:
         if k in _MUST_BE:
             if v not in _MUST_BE[k]:
                 raise JaxlensError(f"config.json: {k}={v!r} changes the model and is not handled by jaxlens")
+        elif k.startswith("_") and k not in _READ_PRIVATE:
+            continue   # loader metadata (transformers writes e.g. _name_or_path, _commit_hash)
         elif k not in _HARMLESS:
             raise JaxlensError(f"config.json: attribute {k!r} is not handled by jaxlens "
                                f"(it may change the model's math; refusing to ignore it)")
