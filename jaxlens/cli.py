@@ -48,6 +48,10 @@ def _cmd_probe(args) -> int:
         if not args.quiet:
             print(f"[jaxlens] {msg}", file=sys.stderr, flush=True)
 
+    if args.report:
+        from jaxlens.report.cli import preflight
+
+        preflight()
     suite = load_suite(args.suite)
     tuned = args.tuned
     if tuned not in ("auto", "off", "require") and not os.path.isdir(os.path.expanduser(tuned)):
@@ -69,6 +73,11 @@ def _cmd_probe(args) -> int:
           f"lens decode {t['lens_s']:.2f} s, total {t['total_s']:.2f} s (incl. compile)")
     for path in result.paths:
         print(path)
+    if args.report:
+        from jaxlens.report.cli import report_after_probe
+
+        for path in report_after_probe(args.out):
+            print(path)
     return 0
 
 
@@ -149,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reproduce the reference's known bugs (Q1, N1, Q3, Q5, Q13, N2; docs/reference_bugs.md) "
                          "instead of fixing them")
     pr.add_argument("--quiet", action="store_true", help="no progress messages")
+    pr.add_argument("--report", action="store_true", help="then write the evaluation report and figures to OUT/report "
+                    "(jaxlens report; PNGs need matplotlib: pip install 'jaxlens[plot]')")
     pr.set_defaults(func=_cmd_probe)
     f = sub.add_parser("forward", help="load a checkpoint and run one forward pass (a smoke test)")
     f.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id")
@@ -190,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval_lens)
+    from jaxlens.report.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
     fp = sub.add_parser("fit-prism", help="fit a Prism (shared whitening + Procrustes decoder, spec §4.1)")
     fp.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
     fp.add_argument("--out", required=True, metavar="DIR", help="Prism directory (reference + jaxlens formats)")
