@@ -200,7 +200,7 @@ def check_markdown(md: str, files: Files) -> dict:
                         for h, c in zip(header[:-1], cells[:-1]):
                             _check_shown(c.replace("**", ""), row[h.strip("`")], "csv", lines[i])
                             counts["row_cells"] += 1
-                    else:                                                    # value table
+                    elif "/prompts " not in cells[-1]:       # value table (sweep statistics: test_sweep_page)
                         vals = [c.replace("**", "") for c in cells[1:-1] if c and c != "absent"]
                         assert len(vals) == len(cites), lines[i]
                         for c, m in zip(vals, cites):
@@ -446,6 +446,88 @@ def test_cross_model_page(runs, tmp_path):
     assert make_report([runs["base"]], out=tmp_path / "cross2", formats="md") == sorted(
         [tmp_path / "cross2" / "demo" / "report.md", tmp_path / "cross2" / "demo-no-tuned" / "report.md",
          tmp_path / "cross2" / "index.md"])
+
+
+# --------------------------------------------------------------------------------------------------
+# a sweep's output directory
+# --------------------------------------------------------------------------------------------------
+
+AGG = re.compile(r"\[(?P<model>[^\[\]/\s]+)/prompts (?P<stat>\w+)\((?P<col>[^()\s]+)\) lens=(?P<lens>\S+) "
+                 r"status=(?P<status>\S+) n=(?P<n>\d+)\]")
+
+
+def _fake_sweep(root: Path) -> None:
+    """Two models' sweep directories in the sweep's layout (manifest.json + committed prompts shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, n, sems in (("alpha", 8, [1, 2, 2, 5, None, 3]), ("beta", 30, [20, 24, 24, 29, 30, None])):
+        d = root / name
+        (d / "prompts").mkdir(parents=True)
+        rows = []
+        for i, L in enumerate(sems):
+            for lens, shift in (("norm", 0), ("tuned", -1)):
+                Ls = None if L is None else max(1, L + shift)
+                rows.append({"prompt_index": i, "lens": lens, "status": "ok" if i != 2 or lens == "norm" else "error",
+                             "n_layers": n, "L_semantic": Ls, "L_copy": None if i % 2 else 0,
+                             "L_semantic_frac": None if Ls is None else round(Ls / n, 3),
+                             "first_rank_le_5": None if Ls is None else max(0, Ls - 1), "first_rank_le_1": Ls,
+                             "first_rank_le_10": None if Ls is None else max(0, Ls - 2),
+                             "first_kl_below_1.0": n, "first_kl_below_0.5": n, "L_semantic_confirmed": Ls})
+        pq.write_table(pa.Table.from_pylist(rows), d / "prompts" / "w00000-p0.parquet")
+        manifest = {"format": "jaxlens-sweep", "version": 1, "status": "complete",
+                    "identity": {"model": {"name": name, "arch": "llama", "n_layers": n, "d_model": 64},
+                                 "dtype": "float32", "lenses": [{"name": "norm"}, {"name": "tuned"}],
+                                 "prompts": {"rows": len(sems)}},
+                    "shards": [{"window": 0, "process": 0, "table": "prompts", "file": "prompts/w00000-p0.parquet"}]}
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def test_sweep_page(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from jaxlens.report import make_report
+
+    root = tmp_path / "sweep"
+    _fake_sweep(root)
+    paths = make_report([root], formats="md,html,png")
+    assert sorted(p.name for p in paths) == ["index.html", "index.md", "sweep-depth.png"]
+    md = (root / "report" / "index.md").read_text(encoding="utf-8")
+    counts = check_markdown(md, Files(root, {"alpha": root / "alpha", "beta": root / "beta"}))
+    assert counts["table_values"] >= 10
+    # every statistic over prompts, recomputed from the Parquet shards with numpy
+    n_agg = 0
+    for line in md.split("\n"):
+        if not line.startswith("| ") or "/prompts " not in line:
+            continue
+        cells = _split_row(line)
+        vals = [c for c in cells[1:-1] if c and c != "absent"]
+        aggs = list(AGG.finditer(cells[-1]))
+        assert len(vals) == len(aggs), line
+        for shown, m in zip(vals, aggs):
+            t = pq.read_table(root / m["model"] / "prompts").to_pylist()
+            rows = [r for r in t if r["lens"] == m["lens"] and r["status"] == m["status"]]
+            assert len(rows) == int(m["n"])
+            x = [float(r[m["col"]]) for r in rows if r[m["col"]] is not None]
+            want = {"count": lambda: len(x), "share": lambda: len(x) / len(rows),
+                    "min": lambda: min(x), "max": lambda: max(x), "median": lambda: float(np.median(x)),
+                    "p25": lambda: float(np.percentile(x, 25)), "p75": lambda: float(np.percentile(x, 75))}[m["stat"]]
+            if not x and m["stat"] not in ("count", "share"):
+                assert shown == "null"
+            else:
+                assert _num_close(shown, float(want())), (line, shown)
+            n_agg += 1
+    assert n_agg >= 30
+    png = (root / "report" / "sweep-depth.png").read_bytes()
+    assert _png_info(png)["w"] > 500
+    # a broken manifest: one sentence
+    (root / "beta" / "manifest.json").write_text('{"format": "jaxlens-sweep", "shards": [', encoding="utf-8")
+    from jaxlens.errors import JaxlensError
+
+    with pytest.raises(JaxlensError, match="beta/manifest.json is not valid JSON"):
+        make_report([root], out=tmp_path / "x", formats="md")
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------------------------------

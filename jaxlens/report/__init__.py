@@ -79,8 +79,9 @@ def _write(out_dir: Path, files: dict) -> list:
 
 def make_report(run_dirs: Iterable[str | Path], out: Optional[str | Path] = None,
                 formats: str | Sequence[str] | None = None, heatmap: str = "prob") -> list:
-    """Write the report of one run (``out`` defaults to ``RUN_DIR/report``) or, for several runs (or a
-    directory of runs), the cross-model page in ``out`` plus each run's report in ``out/<run name>/``.
+    """Write the report of one run (``out`` defaults to ``RUN_DIR/report``); for several runs (or a
+    directory of runs), the cross-model page in ``out`` plus each run's report in ``out/<run name>/``; for a
+    sweep's output directory (``jaxlens sweep --out``), its cross-model page (default ``SWEEP_DIR/report``).
     Returns the paths written, sorted."""
     from jaxlens.report.load import find_runs, load_run
 
@@ -91,7 +92,16 @@ def make_report(run_dirs: Iterable[str | Path], out: Optional[str | Path] = None
         from jaxlens.report.figures import require_matplotlib
 
         require_matplotlib()
-    dirs = find_runs(list(run_dirs))
+    from jaxlens.report.sweep import build_sweep_files, is_sweep_dir, load_sweep
+
+    given = [Path(d) for d in run_dirs]
+    sweeps = [d for d in given if is_sweep_dir(d)]
+    if sweeps:
+        if len(given) > 1:
+            raise JaxlensError(f"{sweeps[0]} is a sweep; give it alone (one sweep directory), not with other runs")
+        target = Path(out) if out is not None else sweeps[0] / "report"
+        return sorted(_write(target, build_sweep_files(load_sweep(sweeps[0]), fmts)))
+    dirs = find_runs(given)
     if not dirs:
         raise JaxlensError("give at least one probe output directory")
     runs = [load_run(d) for d in dirs]

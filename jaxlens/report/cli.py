@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["add_parser", "preflight", "report_after_probe"]
+__all__ = ["add_parser", "preflight", "report_after_probe", "report_after_sweep"]
 
 
 def _cmd_report(args) -> int:
@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                     "number cited by file, line and key) and the figures (PNG needs matplotlib: "
                     "pip install 'jaxlens[plot]'). Several directories give a cross-model page.")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="probe output directories (jaxlens probe --out DIR), or a directory holding several")
+                   help="probe output directories (jaxlens probe --out DIR), a directory holding several, or one "
+                        "sweep output directory (jaxlens sweep --out DIR)")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default RUN_DIR/report for one run; required for several)")
     r.add_argument("--format", default="html,md,png", metavar="LIST",
@@ -43,6 +44,13 @@ def preflight() -> None:
 
 def report_after_probe(out_dir: str | os.PathLike) -> list:
     """``jaxlens probe --report``: the report of the run just written, in ``OUT/report``."""
+    from jaxlens.report import make_report
+
+    return make_report([out_dir], out=Path(out_dir) / "report")
+
+
+def report_after_sweep(out_dir: str | os.PathLike) -> list:
+    """For ``jaxlens sweep --report``: the sweep's cross-model page in ``OUT/report``."""
     from jaxlens.report import make_report
 
     return make_report([out_dir], out=Path(out_dir) / "report")

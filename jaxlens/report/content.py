@@ -208,8 +208,8 @@ def _overview(c: _Ctx, doc: Doc) -> None:
 def _sanity(c: _Ctx, doc: Doc) -> None:
     run = c.run
     doc.add(Heading(1, "3. Method Sanity-Check", "sanity"))
-    doc.add(Para([Text("The run's own records of how the lens was applied. The context prompt ends with "
-                       "the word the answer should follow (no trailing space):")]))
+    doc.add(Para([Text("The run's own records of how the lens was applied, one value per row (the context prompt "
+                       "ends with the word the answer should follow, with no trailing space).")]))
     npl = len(run.json.value("/diagnostics/normalization_provenance/per_layer", []) or [])
     last = npl - 1
     L_sem = c.int_at("/diagnostics/L_semantic")
@@ -483,8 +483,14 @@ def _quantitative(c: _Ctx, doc: Doc) -> None:
                       c.val("/diagnostics/prism_summary/present", "present"),
                       Text(". jaxlens has no Prism sidecar; nothing here depends on one.")]))
     else:
-        doc.add(Para([Text("Prism sidecar: "), c.val("/diagnostics/prism_summary/k", "k"), Text(", "),
-                      c.val("/diagnostics/prism_summary/layers", "layers"), Text(".")]))
+        parts = [Text("Prism sidecar: "), c.val("/diagnostics/prism_summary/k", "k"), Text(", "),
+                 c.val("/diagnostics/prism_summary/layers", "layers")]
+        verdict = run.j("/diagnostics/prism_summary/verdict/label")
+        if not verdict.absent:
+            parts += [Text("; verdict "), Val(verdict, "verdict.label"), Text(" with "),
+                      c.val("/diagnostics/prism_summary/verdict/kl_gain_bits_median", "kl_gain_bits_median"),
+                      Text(" (KL of the norm lens minus KL of Prism, median over the 25/50/75% depth layers)")]
+        doc.add(Para(parts + [Text(".")]))
         leaves = _scalar_leaves(run.json.value("/diagnostics/prism_summary/metrics"),
                                 "/diagnostics/prism_summary/metrics")
         if leaves:
@@ -535,7 +541,12 @@ def _qualitative(c: _Ctx, doc: Doc) -> None:
     Ls = c.int_at("/diagnostics/L_semantic")
     rs = c.pure_by_layer.get(Ls) if Ls is not None else None
     fin = c.pure_by_layer.get(c.n)
-    if rs is not None and fin is not None:
+    if rs is not None and Ls == c.n:
+        doc.add(Para([Text(f"At the next-token position the gold answer becomes rank 1 only at the last layer ({Ls}), "
+                           "i.e. in the model's own output and in no intermediate layer: "),
+                      Val(rs.get("top1"), "top1"), Text(", "), Val(rs.get("p_answer"), "p_answer"), Text(", "),
+                      Val(rs.get("entropy_bits"), "entropy_bits"), Text(".")]))
+    elif rs is not None and fin is not None:
         doc.add(Para([Text(f"At the next-token position the gold answer first becomes rank 1 at layer {Ls}: "),
                       Val(rs.get("top1"), "top1"), Text(", "), Val(rs.get("p_answer"), "p_answer"), Text(", "),
                       Val(rs.get("kl_to_final_bits"), "kl_to_final_bits"), Text("; the final layer gives "),
@@ -547,12 +558,16 @@ def _qualitative(c: _Ctx, doc: Doc) -> None:
     cos2 = c.j("/diagnostics/cos_milestones/norm/ge_0.2")
     kl1 = c.j("/diagnostics/first_kl_below_1.0")
     if cos2.ok and kl1.ok:
-        early = cos2.value < kl1.value
-        doc.add(Para([Text("Direction vs calibration: the cosine to the final logits reaches 0.2 at "),
-                      Val(cos2, "ge_0.2"), Text(" while KL to final falls to 1 bit only at "),
-                      Val(kl1, "first_kl_below_1.0"),
-                      Text(" — an early direction calibrated late." if early else
-                           " — direction and calibration arrive together.")]))
+        if cos2.value == 0:
+            verdict = (" — the embedding layer itself already points that way, so this milestone says little about "
+                       "the blocks; see the cosine panel of the trajectories figure.")
+        elif cos2.value < kl1.value - 1:
+            verdict = " — an early direction calibrated late."
+        else:
+            verdict = " — direction and calibration arrive together."
+        doc.add(Para([Text("Direction vs calibration: the cosine to the final logits first reaches 0.2 at "),
+                      Val(cos2, "ge_0.2"), Text(" and KL to final falls to 1 bit at "),
+                      Val(kl1, "first_kl_below_1.0"), Text(verdict)]))
     # the reverse question (the test prompt of the reference's negative control)
     tps = run.json.value("/test_prompts") or []
     if tps and isinstance(tps[0], dict) and tps[0].get("topk"):
@@ -578,7 +593,7 @@ def _qualitative(c: _Ctx, doc: Doc) -> None:
                                "(records CSV "), Text(_rows_cite([r for r in recs if r["layer"] == Ls]).text()
                                                      if any(r["layer"] == Ls for r in recs) else ""), Text(").")]))
     # rest mass
-    if rs is not None and fin is not None:
+    if rs is not None and fin is not None and Ls != c.n:
         doc.add(Para([Text("Rest mass (top-k coverage, not fidelity): "), Val(rs.get("rest_mass"), f"rest_mass(L{Ls})"),
                       Text(", "), Val(fin.get("rest_mass"), f"rest_mass(L{c.n})"), Text(".")]))
     # temperature exploration
@@ -620,11 +635,16 @@ def _checklist(c: _Ctx, doc: Doc) -> None:
     Ls = c.int_at("/diagnostics/L_semantic")
     fin = c.pure_by_layer.get(c.n)
     rs = c.pure_by_layer.get(Ls) if Ls is not None else None
-    if fin is not None and rs is not None and finite(fin["entropy_bits"]) and finite(rs["entropy_bits"]):
+    if fin is not None and rs is not None and Ls != c.n and finite(fin["entropy_bits"]) and finite(rs["entropy_bits"]):
         items.append(_check(fin["entropy_bits"] > rs["entropy_bits"], "Entropy rise at the unembedding?",
                             [Val(rs.get("entropy_bits"), f"entropy_bits(L{Ls})"), Text(", "),
                              Val(fin.get("entropy_bits"), f"entropy_bits(L{c.n})")],
                             "final-layer entropy above the entropy at L_semantic"))
+    else:
+        items.append(_check(None, "Entropy rise at the unembedding?",
+                            [c.val("/diagnostics/L_semantic", "L_semantic"), Text(" "),
+                             Text("(no semantic layer before the last one to compare with)")],
+                            "final-layer entropy above the entropy at L_semantic; – when L_semantic is null or n"))
     ud = J("/diagnostics/unembed_dtype")
     items.append(_check(None if ud.absent else ("float32" in str(ud.value)), "FP32 unembedding?", [Val(ud)],
                         "unembed_dtype is float32"))

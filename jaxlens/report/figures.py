@@ -176,7 +176,8 @@ def trajectories_figure(run: Run):
             ax.set_yscale("log")
             ax.set_ylim(bottom=0.8)
         if metric == "cos_to_final":
-            ax.set_ylim(-0.05, 1.05)
+            lo = min([0.0] + [v for s in series for v in s.values])
+            ax.set_ylim(min(-0.05, lo - 0.05), 1.05)
         if not series:
             ax.text(0.5, 0.5, "no data in the run", transform=ax.transAxes, ha="center", va="center")
         ax.set_ylabel(label)
@@ -208,10 +209,11 @@ def fact_ranks_figure(run: Run):
             (line,) = ax.plot(s.layers, s.values, label=_renderable(s.label), lw=1.4, **kw)
             handles.setdefault(line.get_label(), line)
         ax.set_yscale("log")
-        ax.set_ylim(bottom=0.8)
         ax.set_xlim(-0.3, run.n_layers + 0.3)
         ax.set_xlabel("layer")
         ax.set_title(f"{lens} lens")
+    top = max([10.0] + [v for lens in lenses for s in F.fact_ranks(run, lens) for v in s.values])
+    axes[0].set_ylim(0.8, top * 1.6)                  # shared y: one range over every panel
     axes[0].set_ylabel("rank of the gold answer (log scale)")
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", frameon=False)
     fig.suptitle(f"Five facts and the control prompt ({run.model})")
