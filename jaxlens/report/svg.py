@@ -121,7 +121,9 @@ def _tick_label(v: float, kind: str) -> str:
         k = math.log10(v)
         if abs(k - round(k)) < 1e-9:
             k = int(round(k))
-            return {0: "1", 1: "10", 2: "100", 3: "1000", -1: "0.1", -2: "0.01", -3: "0.001"}.get(k, f"1e{k}")
+            sup = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+            return {0: "1", 1: "10", 2: "100", 3: "1000", -1: "0.1", -2: "0.01", -3: "0.001"}.get(
+                k, "10" + str(k).translate(sup))
     if float(v).is_integer():
         return str(int(v))
     return f"{v:g}"
