@@ -373,6 +373,10 @@ def test_unified_metrics_and_verdict_by_hand(setup):
     assert verdict(mk([0.05, -0.1, 0.0], 10, 7))["label"] == "helpful"
     assert verdict(mk([0.05, -0.1, 0.0], 10, None))["label"] == "regressive"
     assert verdict(mk([None, None, None]))["label"] is None
+    # a near-uniform Prism (entropy within 1 bit of log2 V) is never helpful, whatever the KL says
+    v = verdict(mk([1.2, 1.2, 1.2]), entropy_bits=[14.6, 14.6, 14.7], vocab_size=49152)
+    assert v["label"] == "neutral" and v["prism_near_uniform"] is True
+    assert verdict(mk([1.2, 1.2, 1.2]), entropy_bits=[13.0, 14.0, 14.5], vocab_size=49152)["label"] == "helpful"
 
 
 def test_identity_prism_is_the_norm_lens(setup):

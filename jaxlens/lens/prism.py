@@ -51,7 +51,7 @@ REF_PROVENANCE = "provenance.json"
 DEFAULT_EPS = 1e-8
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class PrismLens:
     """The Prism decoder: rows_l = ((N_l(h) - mean) * inv_scale) @ Q with inv_scale = 1 / sqrt(var + eps).
 

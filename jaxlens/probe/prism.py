@@ -25,6 +25,7 @@ Prism is an error; a directory must hold a usable Prism (mode ``on``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Optional
@@ -36,6 +37,7 @@ from jaxlens.lens.stats import lens_stats
 from jaxlens.probe import metrics as M
 from jaxlens.probe import summaries as SU
 from jaxlens.probe.passes import lens_pass_metrics, pure_rows
+from jaxlens.probe.tuned import depth_layers
 from jaxlens.probe.tuned import unified_metrics as _unified_tuned
 
 MODES = ("auto", "on", "off")
@@ -153,14 +155,17 @@ def unified_metrics(base_cols, prism_cols, n_layers: int) -> dict:
     return {key: {("prism" if k == "tuned" else k): v for k, v in block.items()} for key, block in m.items()}
 
 
-def verdict(metrics: dict, threshold: float = VERDICT_KL_BITS) -> dict:
+def verdict(metrics: dict, threshold: float = VERDICT_KL_BITS, *, entropy_bits=None, vocab_size=None) -> dict:
     """helpful / neutral / regressive from the unified metrics (jaxlens's rule; the reference says it in prose).
 
     gain = the median over p25/p50/p75 of KL_norm - KL_prism (bits; positive = the Prism is closer to the
     model's output). "helpful" if gain >= ``threshold``, "regressive" if gain <= -``threshold``. Between the two
     the first rank milestone both lenses can be compared on (rank <= 1, else <= 5) decides: the Prism reaching
     it >= 2 layers earlier -> "helpful", >= 2 layers later (or never, where the norm lens does) ->
-    "regressive", else "neutral". ``label`` None when no KL delta exists."""
+    "regressive", else "neutral". A Prism that is near uniform at the depth layers (``entropy_bits``: its
+    entropies there; median >= log2(``vocab_size``) - 1 bit) says nothing, so it is never "helpful" (capped at
+    "neutral"), however far a confidently wrong norm lens is behind it on KL. ``label`` None when no KL delta
+    exists."""
     kd = [v for v in (metrics.get("kl_bits_at_percentiles", {}).get("delta") or {}).values() if v is not None]
     if not kd:
         return {"label": None, "kl_gain_bits_median": None, "threshold_bits": threshold, "rank_shift_layers": None,
@@ -189,14 +194,23 @@ def verdict(metrics: dict, threshold: float = VERDICT_KL_BITS) -> dict:
         label = "regressive"
     else:
         label = "neutral"
+    ent = [float(e) for e in (entropy_bits or []) if e is not None]
+    near_uniform = None
+    if ent and vocab_size:
+        near_uniform = bool(np.median(ent) >= math.log2(float(vocab_size)) - NEAR_UNIFORM_BITS)
+        if near_uniform and label == "helpful":
+            label = "neutral"
     rs = None if shift is None else (shift if np.isfinite(shift) else ("never" if shift < 0 else "prism_only"))
     return {"label": label, "kl_gain_bits_median": gain, "threshold_bits": threshold,
-            "rank_shift_layers": rs, "rank_milestone": key, "rule": VERDICT_RULE}
+            "rank_shift_layers": rs, "rank_milestone": key, "prism_near_uniform": near_uniform,
+            "rule": VERDICT_RULE}
 
 
 VERDICT_RULE = ("gain = median over the 25/50/75% depth layers of KL_norm - KL_prism (bits); helpful if gain >= 0.2, "
                 "regressive if gain <= -0.2; otherwise the first rank milestone (le_1, else le_5) decides: Prism "
-                ">= 2 layers earlier -> helpful, >= 2 layers later or never -> regressive, else neutral")
+                ">= 2 layers earlier -> helpful, >= 2 layers later or never -> regressive, else neutral; a Prism "
+                "whose median entropy at those layers is within 1 bit of log2(V) (near uniform) is at most neutral")
+NEAR_UNIFORM_BITS = 1.0
 
 
 def prism_columns(cols: dict) -> dict:
@@ -249,8 +263,12 @@ def run_prism(model, suite, inputs, dec, norm_results, decode, source: PrismSour
         r.summary = SU.summarize_pass(r.pure, n_layers=n, lens="prism", p_uniform=1.0 / model.spec.vocab_size,
                                       thresholds=th, quirks=quirks)
     t1 = time.perf_counter()
-    metrics = unified_metrics(norm_results[0].pure, results[0].pure, n)
-    extra = {"verdict": verdict(metrics), "provenance": lens.provenance}
+    prim = results[0].pure
+    metrics = unified_metrics(norm_results[0].pure, prim, n)
+    at = {int(L): e for L, e in zip(prim["layer"], prim["entropy_bits"])}
+    ent = [at.get(L) for L in depth_layers(n)]
+    extra = {"verdict": verdict(metrics, entropy_bits=ent, vocab_size=model.spec.vocab_size),
+             "provenance": lens.provenance}
     block = source.summary_block(metrics, extra)
     k_pure = suite.records.pure_top_k
     sidecars = {"records-prism": [row for res in results for row in res.records],
