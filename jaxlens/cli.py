@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--force", action="store_true", help="replace a Prism already in DIR")
     fp.add_argument("--quiet", action="store_true", help="no progress output")
     fp.set_defaults(func=_cmd_fit_prism)
+    from jaxlens.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
