@@ -32,8 +32,17 @@ row's, and per token only Ac = sum e^{z-m}(z_f-m_f) and Bc = sum e^{z_f-m_f}(z-m
 
 Loops: a lax.scan over vocab chunks (each W chunk is sliced once) around a fori_loop over token
 blocks of T_b tokens (T_b*R*C <= block_elems, so the [T_b*R, C] fp32 block stays cache-sized on
-CPU); every block is one GEMM with all its rows folded into M. Top-k: per chunk, a two-stage
-selection (group maxima -> the k best groups -> their entries) merged into a running [k] buffer.
+CPU); every block is one GEMM with all its rows folded into M.
+
+Top-k (exact, ties by the lower id; a sorted running [k] buffer per row, memory independent of V):
+
+* "extract" (default on CPU, :func:`_topk_extract`): one fused reduction gives per-row maxima of
+  fixed column groups of the chunk (the chunk max of the logsumexp comes from them for free); a
+  while loop then moves, for all rows at once, each row's best remaining chunk entry into the
+  buffer while it beats the buffer's k-th value. No sort and no top_k call; the loop runs about
+  k for the first chunk and a few for later ones.
+* "merge" (default on accelerators, or with ``topk_group``): per chunk a two-stage lax.top_k
+  (group maxima -> the k best groups -> their entries) merged into the buffer.
 
 Parallelism (one code path: partial accumulators -> combine -> finalize):
 
@@ -79,12 +88,15 @@ CPU_CHUNK, CPU_BLOCK_ELEMS = 2048, 1 << 19
 ACCEL_CHUNK, ACCEL_BLOCK_ELEMS = 8192, 1 << 26
 
 
-def _default_sizes(mesh):
+def _platform(mesh):
     try:
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     except Exception:  # pragma: no cover - exotic meshes
-        platform = "cpu"
-    if platform == "cpu":
+        return "cpu"
+
+
+def _default_sizes(mesh):
+    if _platform(mesh) == "cpu":
         return CPU_CHUNK, CPU_BLOCK_ELEMS
     return ACCEL_CHUNK, ACCEL_BLOCK_ELEMS
 
@@ -102,7 +114,8 @@ class _Cfg(NamedTuple):
     token_block: int  # tokens per block (<= local T)
     precision: Any
     unroll: int
-    topk_group: Any  # None = auto; int or tuple of group sizes
+    topk_group: Any  # merge method: None = auto; int or tuple of group sizes
+    topk_method: str = "merge"  # "extract" (threshold extraction) or "merge" (per-chunk top_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +279,107 @@ def _topk_merge(z, tv, ti, k, gs, id0):
     return v, jnp.take_along_axis(ci, pos, axis=-1), cmax
 
 
+# ----------------------------------------------------------------------------------------------
+# exact streaming top-k by threshold extraction (the default)
+
+#: Target column-group size of the extraction top-k (C is split into groups of about this size).
+TOPK_GROUP = 32
+
+
+def _extract_groups(C, target=TOPK_GROUP):
+    """(G, n_groups, padded C) of the extraction top-k for a chunk of C columns.
+
+    G is the divisor of C nearest to ``target`` (no padding); when C has no divisor in
+    [target/4, 4*target] (e.g. a prime C) the chunk is padded with masked columns to a
+    multiple of ``target`` instead.
+    """
+    if C <= target:
+        return C, 1, C
+    divs = [g for g in range(max(1, target // 4), 4 * target + 1) if C % g == 0]
+    if divs:
+        G = min(divs, key=lambda g: (abs(math.log(g / target)), g))
+        return G, C // G, C
+    Cp = -(-C // target) * target
+    return target, Cp // target, Cp
+
+
+def _topk_extract(z, tv, ti, id0):
+    """Merge chunk logits z [..., C] (ids id0 + arange(C)) into the running top-k buffer, exactly.
+
+    tv / ti [..., k]: the buffer, sorted by (value desc, id asc), holding ids below id0 only
+    (earlier chunks; -inf / -1 while not full). Returns (new values, new ids, chunk max).
+
+    Only the chunk's entries that beat the buffer's k-th value theta can enter it. The chunk is
+    split into groups of G consecutive columns; one fused reduction gives the group maxima
+    (and from them the chunk max the logsumexp needs anyway). Then a while loop extracts, for
+    every row at once, the row's best remaining chunk entry in (value desc, id asc) order (best
+    group maximum -> one gathered group of G values -> the entry, the group's next maximum)
+    and inserts it into the sorted buffer, until no row's best remaining entry beats its theta.
+    The loop runs max-over-rows(number of entries this chunk adds) times: k for the first
+    chunk, then about k/i for the i-th chunk on unordered logits, so ~k*(1 + ln(chunks)) per
+    pass; each iteration touches only [rows, G + n_groups + k] values. Masked columns (NEG)
+    never enter. Exact, ties by the lower id, whatever the data.
+    """
+    lead = z.shape[:-1]
+    C = z.shape[-1]
+    k = tv.shape[-1]
+    z2 = z.reshape(-1, C)
+    rows = z2.shape[0]
+    G, nG, Cp = _extract_groups(C)
+    if Cp > C:
+        z2 = jnp.pad(z2, ((0, 0), (0, Cp - C)), constant_values=NEG)
+    z3 = z2.reshape(rows, nG, G)
+    gmr = jnp.max(z3, axis=-1)  # [rows, nG]
+    cmax = jnp.max(gmr, axis=-1)
+    lo_ok = 0.5 * NEG
+    # row-minor layout [*, rows]: every reduction of the loop runs across rows (vectorised)
+    gm = jnp.transpose(jnp.where(gmr > lo_ok, gmr, -jnp.inf))
+    tv = jnp.transpose(tv.reshape(rows, k))
+    ti = jnp.transpose(ti.reshape(rows, k))
+    io_g = jnp.arange(G, dtype=jnp.int32)[:, None]
+    io_n = jnp.arange(nG, dtype=jnp.int32)[:, None]
+    inf_row = jnp.full((1, rows), jnp.inf, _F32)
+
+    def best(gm):  # best remaining group: max value, lowest group among ties
+        vb = jnp.max(gm, axis=0)
+        gb = jnp.min(jnp.where(gm == vb, io_n, nG - 1), axis=0)
+        return vb, gb
+
+    def cond(s):
+        tv, vb = s[0], s[3]
+        return jnp.any(vb > tv[k - 1])
+
+    def body(s):
+        tv, ti, gm, vb, gb, vl, il = s
+        act = vb > tv[k - 1]  # the row's best remaining entry enters the buffer
+        zg = jnp.transpose(jnp.take_along_axis(z3, gb[:, None, None], axis=1)[:, 0])  # [G, rows]
+        base = gb * G  # local column of the group's first entry
+        # the entry: first column of the group with value vb after the last extracted entry
+        # (vl, il) -- only equal values (duplicates) need that test
+        after = jnp.where(vb == vl, il - base, -1)
+        pe = jnp.min(jnp.where((zg == vb) & (io_g > after), io_g, G - 1), axis=0)
+        nxt = jnp.max(jnp.where((zg < vb) | ((zg == vb) & (io_g > pe)), zg, -jnp.inf), axis=0)
+        nxt = jnp.where(nxt > lo_ok, nxt, -jnp.inf)
+        col = base + pe
+        # sorted insertion (ties: the buffer's entries have lower ids and stay in front)
+        v = jnp.where(act, vb, -jnp.inf)
+        tvp = jnp.concatenate([inf_row, tv[:-1]], axis=0)
+        tip = jnp.concatenate([ti[:1], ti[:-1]], axis=0)
+        ti = jnp.where(tv >= v, ti, jnp.where(tvp >= v, col + id0, tip))
+        tv = jnp.maximum(tv, jnp.minimum(v, tvp))
+        gm = jnp.where(act & (io_n == gb), nxt, gm)
+        vl = jnp.where(act, vb, vl)
+        il = jnp.where(act, col, il)
+        vb, gb = best(gm)
+        return tv, ti, gm, vb, gb, vl, il
+
+    vb, gb = best(gm)
+    s0 = (tv, ti, gm, vb, gb, jnp.full((rows,), jnp.inf, _F32), jnp.full((rows,), -1, jnp.int32))
+    tv, ti = lax.while_loop(cond, body, s0)[:2]
+    return (jnp.transpose(tv).reshape(lead + (k,)), jnp.transpose(ti).reshape(lead + (k,)),
+            cmax.reshape(lead))
+
+
 def _stream_local(blk, W, bias, offset, cfg):
     """Partial accumulators of all local rows over one local vocab slice W [d, Vl].
 
@@ -287,7 +401,8 @@ def _stream_local(blk, W, bias, offset, cfg):
     cdt = h.dtype
     prec = cfg.precision
     col_iota = jnp.arange(C, dtype=jnp.int32)
-    topk_gs = _topk_groups(C, cfg.top_k, cfg.topk_group) if cfg.top_k else ()
+    extract = cfg.topk_method == "extract"
+    topk_gs = _topk_groups(C, cfg.top_k, cfg.topk_group) if cfg.top_k and not extract else ()
     Tb = min(cfg.token_block, T)
     nb = -(-T // Tb)
     Tb = -(-T // nb)  # balance the blocks
@@ -310,9 +425,12 @@ def _stream_local(blk, W, bias, offset, cfg):
         new = {}
         cmax = None
         if cfg.top_k:
-            new["tv"], new["ti"], cmax = _topk_merge(
-                z, acc["tv"], acc["ti"], cfg.top_k, topk_gs, start + offset
-            )
+            if extract:
+                new["tv"], new["ti"], cmax = _topk_extract(z, acc["tv"], acc["ti"], start + offset)
+            else:
+                new["tv"], new["ti"], cmax = _topk_merge(
+                    z, acc["tv"], acc["ti"], cfg.top_k, topk_gs, start + offset
+                )
         if cmax is None:
             cmax = jnp.max(z, axis=-1)
         m, S = acc["m"], acc["S"]
@@ -665,6 +783,7 @@ def stream_stats(
     row_axis: Optional[str] = None,
     unroll: int = 1,
     topk_group=None,
+    topk_method: Optional[str] = None,
 ) -> dict:
     """Streaming softmax statistics of every lens row, in one pass over vocabulary chunks.
 
@@ -693,7 +812,12 @@ def stream_stats(
       precision: lax precision for the GEMMs and the gold gather-dot (default: JAX's config).
       mesh, vocab_axis, row_axis: optional multi-device execution (see module docstring).
       unroll: lax.scan unroll factor over chunks.
-      topk_group: group sizes of the hierarchical chunk top-k (None = automatic; 1 = plain
+      topk_method: how the running top-k absorbs each chunk (both exact, ties by lower id):
+        ``"extract"`` (threshold extraction, see :func:`_topk_extract`; no sort or top_k call
+        per chunk) or ``"merge"`` (a hierarchical lax.top_k per chunk merged into the buffer).
+        None = automatic: "merge" when ``topk_group`` is given, else "extract" on CPU and
+        "merge" on accelerators.
+      topk_group: group sizes of the "merge" chunk top-k (None = automatic; 1 = plain
         lax.top_k over each chunk; an int G or a tuple of sizes per level).
 
     Returns:
@@ -720,6 +844,10 @@ def stream_stats(
     block_elems = dblock if block_elems is None else int(block_elems)
     if chunk < 1:
         raise ValueError(f"chunk must be positive; got {chunk}")
+    if topk_method is None:
+        topk_method = "merge" if topk_group is not None or _platform(mesh) != "cpu" else "extract"
+    if topk_method not in ("extract", "merge"):
+        raise ValueError(f"topk_method must be 'extract', 'merge' or None; got {topk_method!r}")
     Vl = -(-V // nv)
     C = min(chunk, Vl)
     Tl = -(-T // nr)
@@ -739,6 +867,7 @@ def stream_stats(
         precision=precision,
         unroll=int(unroll),
         topk_group=topk_group,
+        topk_method=topk_method,
     )
     out = _stream_jit(args, cfg, mesh, vocab_axis, row_axis)
     return _squeeze_out(out, squeeze)
@@ -764,13 +893,14 @@ def dense_stats(
     row_axis=None,
     unroll: int = 1,
     topk_group=None,
+    topk_method=None,
 ) -> dict:
     """Dense oracle of :func:`stream_stats` (same signature and outputs) from full logits.
 
     Materialises [T, R, V] fp32 logits; for tests and debugging only. The chunk / blocking /
     mesh arguments are accepted and ignored.
     """
-    del chunk, token_block, block_elems, mesh, vocab_axis, row_axis, unroll, topk_group
+    del chunk, token_block, block_elems, mesh, vocab_axis, row_axis, unroll, topk_group, topk_method
     args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row)
     if teacher_row is not None:
         args["teacher"] = args["h"][:, int(teacher_row)]
