@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from jaxlens.report import figdata as F
 from jaxlens.report.document import Bullets, Code, Doc, Figure, Heading, Mark, Para, Row, Table, Text, Val
 from jaxlens.report.load import ABSENT, Cite, CsvRow, Run, V, finite
 
@@ -181,7 +180,6 @@ def _absent_parts(c: _Ctx) -> list:
 
 
 def _overview(c: _Ctx, doc: Doc) -> None:
-    run = c.run
     doc.add(Heading(1, "1. Overview", "overview"))
     doc.add(Para([c.val("/diagnostics/model", "model"), Text(" ("), c.val("/model_stats/num_layers", "num_layers"),
                   Text(", "), c.val("/model_stats/d_model", "d_model"), Text(", "),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from html import escape
 from typing import Mapping, Optional, Sequence
 
-from jaxlens.report.document import (Bullets, Code, Doc, Figure, Heading, Mark, Para, Row, Table, Text, Val,
+from jaxlens.report.document import (Bullets, Code, Doc, Figure, Heading, Mark, Para, Table, Text, Val,
                                      fmt_value, row_citations)
 
 __all__ = ["render_html", "CSP"]

@@ -9,7 +9,6 @@ out); percentiles interpolate linearly (numpy's default, the probe's ``percentil
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
