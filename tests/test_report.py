@@ -483,7 +483,8 @@ def _fake_sweep(root: Path) -> None:
 
 def test_sweep_page(tmp_path):
     import numpy as np
-    import pyarrow.parquet as pq
+
+    pq = pytest.importorskip("pyarrow.parquet", reason="a sweep's tables are Parquet (pip install pyarrow)")
 
     from jaxlens.report import make_report
 
