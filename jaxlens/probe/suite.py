@@ -482,7 +482,18 @@ def load_suite(source="reference") -> Suite:
         raise JaxlensError(f"{path.name} is not valid TOML ({e}).") from None
     except OSError as e:
         raise JaxlensError(f"suite file {path} cannot be read ({e.strerror}).") from None
-    return suite_from_dict(data, where=path.name, source=str(path))
+    return suite_from_dict(data, where=path.name, source=_portable_source(source, path))
+
+
+def _portable_source(given, path: Path) -> str:
+    """How the outputs name a suite: a bundled one as ``configs/probe/<file>`` (no machine path in a run's
+    JSON), a user's file as the user gave it."""
+    for d in suite_search_paths()[-2:]:
+        try:
+            return str(Path("configs", "probe") / path.resolve().relative_to(d.resolve()))
+        except ValueError:
+            continue
+    return str(given)
 
 
 def suite_from_dict(data: Mapping, *, where: str = "<suite>", source: str = "<dict>") -> Suite:
