@@ -332,40 +332,44 @@ def _topk_extract(z, tv, ti, id0):
     gmr = jnp.max(z3, axis=-1)  # [rows, nG]
     cmax = jnp.max(gmr, axis=-1)
     lo_ok = 0.5 * NEG
-    # row-minor layout [*, rows]: every reduction of the loop runs across rows (vectorised)
+    # The loop's state is row-minor ([*, rows]: reductions over groups / the buffer run across rows,
+    # vectorised); the gathered group is row-major ([rows, G], one contiguous slice per row). Every
+    # reduction is a float one (indices as floats): XLA:CPU's integer / boolean reductions are slow.
     gm = jnp.transpose(jnp.where(gmr > lo_ok, gmr, -jnp.inf))
     tv = jnp.transpose(tv.reshape(rows, k))
     ti = jnp.transpose(ti.reshape(rows, k))
-    io_g = jnp.arange(G, dtype=jnp.int32)[:, None]
-    io_n = jnp.arange(nG, dtype=jnp.int32)[:, None]
+    io_g = jnp.arange(G, dtype=_F32)[None, :]
+    io_n = jnp.arange(nG, dtype=_F32)[:, None]
     inf_row = jnp.full((1, rows), jnp.inf, _F32)
 
     def best(gm):  # best remaining group: max value, lowest group among ties
         vb = jnp.max(gm, axis=0)
-        gb = jnp.min(jnp.where(gm == vb, io_n, nG - 1), axis=0)
+        gb = jnp.min(jnp.where(gm == vb, io_n, nG - 1.0), axis=0)
         return vb, gb
 
     def cond(s):
         tv, vb = s[0], s[3]
-        return jnp.any(vb > tv[k - 1])
+        return jnp.max(jnp.where(vb > tv[k - 1], 1.0, 0.0)) > 0.0
 
     def body(s):
         tv, ti, gm, vb, gb, vl, il = s
         act = vb > tv[k - 1]  # the row's best remaining entry enters the buffer
-        zg = jnp.transpose(jnp.take_along_axis(z3, gb[:, None, None], axis=1)[:, 0])  # [G, rows]
-        base = gb * G  # local column of the group's first entry
+        gbi = gb.astype(jnp.int32)
+        zg = jnp.take_along_axis(z3, gbi[:, None, None], axis=1)[:, 0]  # [rows, G]
+        base = gb * G  # local column of the group's first entry (exact in fp32: < 2^24)
         # the entry: first column of the group with value vb after the last extracted entry
         # (vl, il) -- only equal values (duplicates) need that test
-        after = jnp.where(vb == vl, il - base, -1)
-        pe = jnp.min(jnp.where((zg == vb) & (io_g > after), io_g, G - 1), axis=0)
-        nxt = jnp.max(jnp.where((zg < vb) | ((zg == vb) & (io_g > pe)), zg, -jnp.inf), axis=0)
+        after = jnp.where(vb == vl, il - base, -1.0)[:, None]
+        vbc = vb[:, None]
+        pe = jnp.min(jnp.where((zg == vbc) & (io_g > after), io_g, G - 1.0), axis=1)
+        nxt = jnp.max(jnp.where((zg < vbc) | ((zg == vbc) & (io_g > pe[:, None])), zg, -jnp.inf), axis=1)
         nxt = jnp.where(nxt > lo_ok, nxt, -jnp.inf)
         col = base + pe
         # sorted insertion (ties: the buffer's entries have lower ids and stay in front)
         v = jnp.where(act, vb, -jnp.inf)
         tvp = jnp.concatenate([inf_row, tv[:-1]], axis=0)
         tip = jnp.concatenate([ti[:1], ti[:-1]], axis=0)
-        ti = jnp.where(tv >= v, ti, jnp.where(tvp >= v, col + id0, tip))
+        ti = jnp.where(tv >= v, ti, jnp.where(tvp >= v, col.astype(jnp.int32) + id0, tip))
         tv = jnp.maximum(tv, jnp.minimum(v, tvp))
         gm = jnp.where(act & (io_n == gb), nxt, gm)
         vl = jnp.where(act, vb, vl)
@@ -374,7 +378,7 @@ def _topk_extract(z, tv, ti, id0):
         return tv, ti, gm, vb, gb, vl, il
 
     vb, gb = best(gm)
-    s0 = (tv, ti, gm, vb, gb, jnp.full((rows,), jnp.inf, _F32), jnp.full((rows,), -1, jnp.int32))
+    s0 = (tv, ti, gm, vb, gb, jnp.full((rows,), jnp.inf, _F32), jnp.full((rows,), -1.0, _F32))
     tv, ti = lax.while_loop(cond, body, s0)[:2]
     return (jnp.transpose(tv).reshape(lead + (k,)), jnp.transpose(ti).reshape(lead + (k,)),
             cmax.reshape(lead))
