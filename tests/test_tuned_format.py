@@ -206,3 +206,37 @@ def test_bad_lens_directories(tiny, tmp_path):
     (tmp_path / "bad" / "params.pt").write_bytes(b"not a torch file")
     with pytest.raises(jaxlens.JaxlensError, match="torch.load"):
         jaxlens.load_lens(str(tmp_path / "bad"))
+
+
+def test_logit_base_lowrank_lens(tiny, tmp_path):
+    """A reference-family lens on the logit lens (base "logit", the SmolLM2 recipe): its translators act on the
+    final-normed residual, so the identity lens reproduces the logit lens (not the norm lens) at every layer;
+    the base survives save / load; a random one matches h + (N_final(h) U) V^T + c by hand."""
+    import jax.numpy as jnp
+
+    import jaxlens
+    from jaxlens.lens.tuned import LowRankLens
+
+    model, fw = tiny["model"], tiny["fw"]
+    n, d, k = model.spec.n_layers, model.spec.d_model, 4
+    z = np.zeros((n - 1, d, k), np.float32)
+    ident = LowRankLens(jnp.asarray(z), jnp.asarray(z), jnp.zeros((n - 1, d)), None, n_layers=n, base="logit")
+    a = jaxlens.lens_logits(model, fw, lens=ident)
+    b = jaxlens.lens_logits(model, fw, lens="logit")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    assert not np.allclose(np.asarray(a)[1:n], np.asarray(jaxlens.lens_logits(model, fw, lens="norm"))[1:n], atol=1e-3)
+    rng = np.random.default_rng(3)
+    U, V = (0.1 * rng.standard_normal((2, n - 1, d, k))).astype(np.float32)
+    c = (0.1 * rng.standard_normal((n - 1, d))).astype(np.float32)
+    lens = LowRankLens(jnp.asarray(U), jnp.asarray(V), jnp.asarray(c), None, n_layers=n, base="logit")
+    out = str(tmp_path / "lens")
+    jaxlens.save_lens(lens, out)
+    back = jaxlens.load_lens(out, model=model)
+    assert back.base == "logit"
+    got = np.asarray(jaxlens.lens_logits(model, fw, lens=back))
+    x = np.asarray(jaxlens.lens.normalise(model, fw.residuals, lens="logit"), np.float64)     # [n+1, 1, T, d]
+    W, bias = (np.asarray(t, np.float64) if t is not None else None for t in model.unembedding())
+    for layer in range(1, n):
+        y = x[layer] + (x[layer] @ U[layer - 1]) @ V[layer - 1].T + c[layer - 1]
+        want = y @ W + (bias if bias is not None else 0.0)
+        np.testing.assert_allclose(got[layer], want, rtol=1e-4, atol=1e-4)

@@ -118,6 +118,7 @@ class Plan:
     flops_per_token: float
     lens_rows_per_token: float
     lens_matmul: str = "float32"   # operand dtype of the vocabulary GEMMs (fp32 accumulation, fp32 statistics)
+    base: str = "norm"             # reference family: the normaliser under the translators ("norm" | "logit")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,6 +225,10 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
     if opt.get("name") == "sgd":
         opt["lr"] = float(opt.get("lr_scale", 1.0)) * (1.0 - float(opt.get("momentum", 0.9)))
         opt["lr_convention"] = "lr = lr_scale * (1 - momentum) (tuned-lens package)"
+    base = str(tr.get("base", "norm"))
+    if base not in ("norm", "logit") or (family == "tuned-lens" and base != "norm"):
+        raise JaxlensError(f"recipe {recipe['name']}: translator base {base!r} is not supported (the reference family "
+                           "takes 'norm', the norm lens, or 'logit', the final norm at every layer)")
     return Plan(
         recipe=recipe["name"], family=family, n_layers=n, d_model=d, vocab=V, trained_layers=trained, rank=rank,
         temperature=bool(tr.get("temperature", False)), init=str(tr.get("init", "zeros")),
@@ -235,7 +240,7 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
         smooth=float(ob.get("smooth", 0.0)), optimizer=opt,
         seed=int(seed) if seed is not None else int(recipe["data"].get("seed", 0)),
         chunk=int(chunk) if chunk else min(DEFAULT_CHUNK, V), flops_per_token=fpt,
-        lens_rows_per_token=rows_per_token, lens_matmul=lm)
+        lens_rows_per_token=rows_per_token, lens_matmul=lm, base=base)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,11 +319,14 @@ def _rows(plan: Plan, spec, lp, mp, res, layers):
     if plan.family == "tuned-lens":
         y = fullrank_translate(lp["W"], lp["b"], res, layers, jnp.ones(layers.shape, bool))
         return apply_norm(spec, mp["final_norm"], y), None
-    table, applies = _norm_table(spec, mp)
-    sel = jax.tree.map(lambda a: jnp.take(a, layers, axis=0), table)
-    normed = jax.vmap(lambda p, h: apply_norm(spec, p, h))(sel, res.astype(F32))
-    keep = jnp.take(jnp.asarray(applies), layers).reshape(-1, 1, 1)
-    x = jnp.where(keep, normed, res.astype(F32))
+    if plan.base == "logit":                  # the logit lens under the translators: final norm everywhere
+        x = apply_norm(spec, mp["final_norm"], res.astype(F32))
+    else:
+        table, applies = _norm_table(spec, mp)
+        sel = jax.tree.map(lambda a: jnp.take(a, layers, axis=0), table)
+        normed = jax.vmap(lambda p, h: apply_norm(spec, p, h))(sel, res.astype(F32))
+        keep = jnp.take(jnp.asarray(applies), layers).reshape(-1, 1, 1)
+        x = jnp.where(keep, normed, res.astype(F32))
     idx = layers - 1
     y = lowrank_translate(lp["U"], lp["V"], lp["c"], x, idx, jnp.ones(layers.shape, bool))
     it = None
@@ -550,7 +558,7 @@ def _lens_from_params(plan: Plan, model, lp, card: dict):
     if plan.family == "tuned-lens":
         fn = jax.tree.map(lambda a: jnp.asarray(a, F32), dict(model.params["final_norm"]))
         return FullRankLens(lp["W"], lp["b"], NormSpec.of(model.spec), fn, card=card)
-    return LowRankLens(lp["U"], lp["V"], lp["c"], lp.get("theta"), n_layers=plan.n_layers, card=card)
+    return LowRankLens(lp["U"], lp["V"], lp["c"], lp.get("theta"), n_layers=plan.n_layers, card=card, base=plan.base)
 
 
 def _losses_summary(plan: Plan, first: dict | None, history: list) -> dict:
@@ -716,7 +724,9 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
     card = {
         "model": {k: mfp[k] for k in ("id", "name", "revision", "arch", "n_layers", "d_model", "vocab_size",
                                        "dtype", "fingerprint")},
-        "layer_convention": LAYER_CONVENTIONS[plan.family],
+        "layer_convention": dict(LAYER_CONVENTIONS[plan.family], **(
+            {"input": "final-normed residual (logit lens: the final norm at every layer)",
+             "layer_0": "no translator: the logit lens"} if plan.base == "logit" else {})),
         "recipe": {"name": rec["name"], "summary": rec.get("summary"), "path": rec["_path"],
                    "sha256": rec["_sha256"], "notes": rec.get("notes", {}), "plan": plan.as_dict()},
         "data": {**data_desc, "content_hash": chash, "sequences_consumed": position,

