@@ -221,10 +221,12 @@ def test_logit_base_lowrank_lens(tiny, tmp_path):
     n, d, k = model.spec.n_layers, model.spec.d_model, 4
     z = np.zeros((n - 1, d, k), np.float32)
     ident = LowRankLens(jnp.asarray(z), jnp.asarray(z), jnp.zeros((n - 1, d)), None, n_layers=n, base="logit")
-    a = jaxlens.lens_logits(model, fw, lens=ident)
-    b = jaxlens.lens_logits(model, fw, lens="logit")
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
-    assert not np.allclose(np.asarray(a)[1:n], np.asarray(jaxlens.lens_logits(model, fw, lens="norm"))[1:n], atol=1e-3)
+    a = np.asarray(jaxlens.lens_logits(model, fw, lens=ident))
+    b = np.asarray(jaxlens.lens_logits(model, fw, lens="logit"))
+    nl = np.asarray(jaxlens.lens_logits(model, fw, lens="norm"))
+    np.testing.assert_allclose(a[1:], b[1:], rtol=0, atol=1e-5)         # layers 1..n: the logit lens
+    np.testing.assert_allclose(a[0], nl[0], rtol=0, atol=1e-5)          # layer 0 (no translator): the norm lens
+    assert not np.allclose(a[1:n], nl[1:n], atol=1e-3) and not np.allclose(a[0], b[0], atol=1e-3)
     rng = np.random.default_rng(3)
     U, V = (0.1 * rng.standard_normal((2, n - 1, d, k))).astype(np.float32)
     c = (0.1 * rng.standard_normal((n - 1, d))).astype(np.float32)

@@ -726,7 +726,7 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
                                        "dtype", "fingerprint")},
         "layer_convention": dict(LAYER_CONVENTIONS[plan.family], **(
             {"input": "final-normed residual (logit lens: the final norm at every layer)",
-             "layer_0": "no translator: the logit lens"} if plan.base == "logit" else {})),
+             "input_layer_0": "layer 0 (no translator) stays the norm lens"} if plan.base == "logit" else {})),
         "recipe": {"name": rec["name"], "summary": rec.get("summary"), "path": rec["_path"],
                    "sha256": rec["_sha256"], "notes": rec.get("notes", {}), "plan": plan.as_dict()},
         "data": {**data_desc, "content_hash": chash, "sequences_consumed": position,

@@ -95,10 +95,16 @@ def normalise(model, residuals: jax.Array, lens="norm", layers=None) -> jax.Arra
     if isinstance(lens, str) and lens not in BUILTIN:
         raise JaxlensError(f"unknown lens {lens!r} (use one of {', '.join(BUILTIN)} or a lens object)")
     base = lens if isinstance(lens, str) else getattr(lens, "base", "norm")
+    base0 = base if isinstance(lens, str) else getattr(lens, "base_layer0", base)   # layer 0 may differ
     if base == "raw":
         rows = residuals
     else:
         table, applies = _norm_table(model, base)
+        if base0 != base and base0 != "raw":
+            t0, a0 = _norm_table(model, base0)
+            table = jax.tree.map(lambda a, b: a.at[0].set(b[0]), table, t0)
+            applies = applies.copy()
+            applies[0] = a0[0]
         sel = jax.tree.map(lambda a: a[layers], table)
         normed = jax.vmap(lambda p, h: apply_norm(model.spec, p, h))(sel, residuals)
         keep = jnp.asarray(applies[layers]).reshape((-1,) + (1,) * (residuals.ndim - 1))

@@ -237,6 +237,12 @@ class LowRankLens:
             self.n_layers = int(self.U.shape[0]) + 1
 
     @property
+    def base_layer0(self) -> str:
+        """Layer 0 has no translator and is always the norm lens (the family's convention), whatever ``base``
+        the translators of layers 1..n-1 sit on."""
+        return "norm"
+
+    @property
     def d_model(self) -> int:
         return int(self.U.shape[1])
 

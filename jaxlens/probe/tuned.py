@@ -150,6 +150,10 @@ class RotationOnly:
     def base(self):
         return getattr(self.lens, "base", "norm")
 
+    @property
+    def base_layer0(self):
+        return getattr(self.lens, "base_layer0", self.base)
+
     def translate(self, rows, layers):
         return self.lens.translate(rows, layers)
 
@@ -158,9 +162,11 @@ class RotationOnly:
 
 
 def temperature_only(lens, n_layers: int) -> LM.TemperedLens:
-    """The norm lens divided by the tuned lens's temperatures (§3.6 ``temp_only``; 1 where it has none)."""
+    """The tuned lens's own base lens (the norm lens, or the logit lens for a ``base = "logit"`` lens) divided by
+    its temperatures (§3.6 ``temp_only``; 1 where it has none)."""
     t = lens.temperatures(np.arange(n_layers + 1))
-    return LM.TemperedLens(temperature=np.ones(n_layers + 1, np.float32) if t is None else t, name="tuned_temp_only")
+    return LM.TemperedLens(temperature=np.ones(n_layers + 1, np.float32) if t is None else t,
+                           base=getattr(lens, "base", "norm"), name="tuned_temp_only")
 
 
 # --------------------------------------------------------------------------------------------------
