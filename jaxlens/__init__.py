@@ -12,3 +12,4 @@ __version__ = "0.1.0"
 
 __all__ = ["AffineLens", "JaxlensError", "LensStats", "Model", "lens_logits", "lens_stats", "load_lens", "load_model",
            "save_lens", "__version__"]
+from jaxlens import sweep  # noqa: E402,F401 - callable: jaxlens.sweep(models, prompts, out, ...) (docs/sweep.md)

@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxlens.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from jaxlens.sweep.cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
