@@ -286,13 +286,14 @@ def _topk_merge(z, tv, ti, k, gs, id0):
 TOPK_GROUP = 32
 
 
-def _extract_groups(C, target=TOPK_GROUP):
+def _extract_groups(C, target=None):
     """(G, n_groups, padded C) of the extraction top-k for a chunk of C columns.
 
     G is the divisor of C nearest to ``target`` (no padding); when C has no divisor in
     [target/4, 4*target] (e.g. a prime C) the chunk is padded with masked columns to a
     multiple of ``target`` instead.
     """
+    target = TOPK_GROUP if target is None else int(target)
     if C <= target:
         return C, 1, C
     divs = [g for g in range(max(1, target // 4), 4 * target + 1) if C % g == 0]
