@@ -518,6 +518,10 @@ def model_fingerprint(model) -> dict:
                 size = os.path.getsize(os.path.join(path, name))
                 files.append([name, size])
                 h.update(f"{name}:{size}".encode())
+    elif path and os.path.isfile(path):            # a GGUF file: its name and size
+        name, size = os.path.basename(path), os.path.getsize(path)
+        files.append([name, size])
+        h.update(f"{name}:{size}".encode())
     revision = None
     parts = os.path.normpath(path).split(os.sep)
     if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
