@@ -250,12 +250,20 @@ class GGUFFile:
 
         def get(hf: str) -> np.ndarray:
             t = self.tensors[names[hf]]
+            shape = shapes[hf]
+            data = t.data                                  # a view of the memory-mapped file
             try:
-                w = gguf.dequantize(t.data, t.tensor_type)
+                if data.ndim == 2 and data.shape[0] == shape[0] and len(shape) == 2:
+                    # row blocks into one float32 buffer: the dequantiser's temporaries stay small
+                    w = np.empty(shape, np.float32)
+                    step = max(1, (1 << 20) // max(1, shape[1]))
+                    for i in range(0, shape[0], step):
+                        w[i:i + step] = gguf.dequantize(data[i:i + step], t.tensor_type).reshape(-1, shape[1])
+                else:
+                    w = np.asarray(gguf.dequantize(data, t.tensor_type), np.float32).reshape(shape)
             except NotImplementedError:
                 raise JaxlensError(f"{self.name}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                    "package cannot dequantise") from None
-            w = np.asarray(w, np.float32).reshape(shapes[hf])
             for rx, fn in undo:
                 if rx.search(t.name):
                     w = fn(w, config)

@@ -175,8 +175,19 @@ def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
     out = {}
     cache_key, cache_val = None, None
     for path, (shape, axes) in layout.items():
+        sharding = sharding_for(shape, axes, mesh) if mesh is not None else None
+        items = assign[path]
+        if len(items) == 1 and items[0][0] is None:     # one source tensor, no stacking: no staging buffer
+            _, key, ops = items[0]
+            if key != cache_key:
+                cache_key, cache_val = key, src.get(key)
+            host = np.ascontiguousarray(convert.apply_ops(cache_val, ops, spec), dtype=jnp.dtype(dtype))
+            out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+            del host
+            cache_key = cache_val = None                  # embeddings / heads are the largest tensors
+            continue
         host = np.empty(shape, dtype=jnp.dtype(dtype))
-        for layer, key, ops in assign[path]:
+        for layer, key, ops in items:
             if key != cache_key:
                 cache_key, cache_val = key, src.get(key)
             val = convert.apply_ops(cache_val, ops, spec)
@@ -184,7 +195,6 @@ def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
                 host[...] = val
             else:
                 host[layer] = val
-        sharding = sharding_for(shape, axes, mesh) if mesh is not None else None
         out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
         del host
     return convert.unflatten(out)
