@@ -497,6 +497,7 @@ def test_provenance_snapshot_reproduces_reference():
 def test_default_demo_probe_uses_bundled_lens(tmp_path, monkeypatch, capsys):
     """The README's main command: `jaxlens probe` on the demo finds the bundled tuned lens (auto) and the
     trained lens beats the norm lens at every intermediate layer of the primary pass."""
+    import jaxlens
     from jaxlens.cli import main
     from jaxlens.models.loader import DEMO_TUNED_LENS_DIR
 
@@ -506,7 +507,8 @@ def test_default_demo_probe_uses_bundled_lens(tmp_path, monkeypatch, capsys):
     assert len(list(out.iterdir())) == 11
     doc = json.loads((out / "output-demo.json").read_text(encoding="utf-8"))
     assert doc["tuned_lens"]["status"] == "loaded"
-    assert doc["tuned_lens"]["path"] == os.path.abspath(DEMO_TUNED_LENS_DIR)
+    assert doc["tuned_lens"]["path"] == "jaxlens/demo/tuned_lens"        # a bundled lens: no machine path
+    assert os.path.samefile(os.path.join(os.path.dirname(jaxlens.__file__), "demo", "tuned_lens"), DEMO_TUNED_LENS_DIR)
     assert doc["diagnostics"]["tuned_lens"]["mode"] == "auto"
     rows = list(csv.DictReader(open(out / "output-demo-pure-next-token.csv", newline="", encoding="utf-8")))
     trows = list(csv.DictReader(open(out / "output-demo-pure-next-token-tuned.csv", newline="", encoding="utf-8")))

@@ -71,6 +71,15 @@ class TunedSource:
         return out
 
 
+def portable_path(path: str) -> str:
+    """How a run's JSON names a lens directory: one shipped inside jaxlens as ``jaxlens/...`` (the same on every
+    machine), any other by its absolute path (as the reference does)."""
+    full = os.path.abspath(path)
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # holds jaxlens/
+    rel = os.path.relpath(full, pkg)
+    return rel if rel.split(os.sep)[0] == "jaxlens" else full
+
+
 def default_locations(model) -> list:
     """Where ``--tuned auto`` looks: ``tuned_lenses/<name>/`` (the reference's layout, relative to the working
     directory), ``tuned_lens/`` inside the model directory (the bundled demo ships one there), and for a
@@ -130,8 +139,8 @@ def resolve(model, tuned=None, say=None) -> TunedSource:
         if mode == "require":
             raise JaxlensError(f"--tuned {path}: {e}") from None
         say(f"warning: the tuned lens in {path} could not be used ({e}); continuing without it")
-        return TunedSource(mode=mode, status="error", path=os.path.abspath(path), error=str(e))
-    return TunedSource(mode=mode, status="loaded", path=os.path.abspath(path), lens=lens,
+        return TunedSource(mode=mode, status="error", path=portable_path(path), error=str(e))
+    return TunedSource(mode=mode, status="loaded", path=portable_path(path), lens=lens,
                        provenance=lens_record(lens))
 
 
