@@ -275,27 +275,39 @@ class GGUFFile:
     # tokenizer ---------------------------------------------------------------------------------
     def tokenizer(self):
         """The HF fast tokenizer the metadata describes (transformers' GGUF builders; no torch needed)."""
-        from transformers import PreTrainedTokenizerFast
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        return build_tokenizer(self.metadata(), self.arch, self.name)
 
-        md = self.metadata()
-        grouped = {group: {name: md[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in md}
-                   for group, renames in GGUF_TOKENIZER_MAPPING.items()}
-        tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
-        if "tokens" not in tok_dict:
-            raise JaxlensError(f"{self.name} has no tokenizer in its metadata (tokenizer.ggml.tokens)")
-        if tok_dict.get("tokenizer_type") == "llama":
-            tok_config.setdefault("add_bos_token", True)
-        for name, key in _SPECIAL_TOKENS.items():
-            token_id = md.get(f"tokenizer.ggml.{key}")
-            tok_config[name] = tok_dict["tokens"][token_id] if token_id is not None else None
-        try:
-            backend, extra = convert_gguf_tokenizer(self.arch, tok_dict)
-        except ValueError as e:
-            raise JaxlensError(f"{self.name}: {e}") from None
-        kwargs = {k: v for k, v in {**tok_config, **extra}.items() if v is not None}
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+    def tokenizer_factory(self) -> Callable:
+        """A function building :meth:`tokenizer` later from the metadata alone, so the reader (whose parsed
+        vocabulary is the largest thing in memory after the weights: ~690 MB for Gemma-3's 262k tokens)
+        can be dropped once the weights are loaded."""
+        import functools
+
+        return functools.partial(build_tokenizer, self.metadata(), self.arch, self.name)
+
+
+def build_tokenizer(md: dict, arch: str, file_name: str):
+    """The HF fast tokenizer from a GGUF file's metadata (:meth:`GGUFFile.metadata`)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+    grouped = {group: {field: md[f"tokenizer.{key}"] for key, field in renames.items() if f"tokenizer.{key}" in md}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tok_dict:
+        raise JaxlensError(f"{file_name} has no tokenizer in its metadata (tokenizer.ggml.tokens)")
+    if tok_dict.get("tokenizer_type") == "llama":
+        tok_config.setdefault("add_bos_token", True)
+    for special, key in _SPECIAL_TOKENS.items():
+        token_id = md.get(f"tokenizer.ggml.{key}")
+        tok_config[special] = tok_dict["tokens"][token_id] if token_id is not None else None
+    try:
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    except ValueError as e:
+        raise JaxlensError(f"{file_name}: {e}") from None
+    kwargs = {k: v for k, v in {**tok_config, **extra}.items() if v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
 def find_gguf(directory: str) -> str | None:

@@ -218,7 +218,9 @@ def load_model(source: str = "demo", dtype: str = "float32", mesh=None) -> Model
         config = gf.config()
         spec = spec_from_config(config, where=gf.name)
         params = load_params(spec, gf.tensor_source(config), DTYPES[dtype], mesh)
-        return Model(spec, params, path=gguf_path, source=source, config=config, mesh=mesh, tokenizer=gf.tokenizer)
+        tokenizer = gf.tokenizer_factory()
+        del gf                                          # the reader and its parsed metadata
+        return Model(spec, params, path=gguf_path, source=source, config=config, mesh=mesh, tokenizer=tokenizer)
     config = read_config(path)
     spec = spec_from_config(config)
     params = load_params(spec, path, DTYPES[dtype], mesh)
