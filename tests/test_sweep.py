@@ -163,12 +163,16 @@ def _probe_compare(script_dir, env=None):
     return res
 
 
-def test_suite_prompts_equal_probe_pure_rows_bit_for_bit(tmp_path):
+def test_suite_prompts_equal_probe_pure_rows_stable_kernels(tmp_path):
     """With XLA:CPU's Eigen kernels (--stable-kernels) every pure next-token number of the probe, for the 11 passes
-    of the reference suite x 9 layers, comes out of the sweep unchanged."""
+    of the reference suite x 9 layers, comes out of the sweep within 1e-6 relative: bit for bit except the
+    cosine to the final logits (its matrix products run over blocks of 64 sequences in the sweep, over the 11
+    passes in the probe; measured 3e-7)."""
     res = _probe_compare(tmp_path, _env(JAXLENS_COMPILE_CACHE="off",
                                         XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type="))
-    assert res["exact"] == res["numbers"], res["worst_rel"]
+    assert max(res["worst_rel"].values()) <= 1e-6, res["worst_rel"]
+    assert {k for k, v in res["worst_rel"].items() if v > 0} <= {"cos_to_final"}, res["worst_rel"]
+    assert res["exact"] >= 0.95 * res["numbers"]
 
 
 def test_suite_prompts_equal_probe_pure_rows_default_kernels(tmp_path):
@@ -328,9 +332,6 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     env = _env(JAXLENS_COMPILE_CACHE=str(tmp_path / "xla-cache"))
     common = ["--model", "demo", "--prompts", prompts, "--lens", "norm,raw", "--batch-tokens", str(BT), "--window", "2",
               "--quiet"]
-    full = _cli(common + ["--out", str(tmp_path / "full")], env)
-    o, e = full.communicate(timeout=300)
-    assert full.returncode == 0, e[-3000:]
     killed = _cli(common + ["--out", str(tmp_path / "cut")], env)
     man = tmp_path / "cut" / "demo" / "manifest.json"
     done = 0
@@ -353,9 +354,9 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     assert resumed.returncode == 0, e[-3000:]
     m = read_manifest(tmp_path / "cut" / "demo")
     assert m["status"] == "complete" and len(m["windows_done"]) == 12 and m["stats"]["windows_resumed"] >= 3
+    full = _sweep("demo", prompts, None, lenses="norm,raw", window=2)           # uninterrupted (CLI runs = API runs)
     for table in ("layers", "prompts"):
-        assert _tables_equal(read_table(tmp_path / "full" / "demo", table), read_table(tmp_path / "cut" / "demo", table),
-                             skip=()) == [], table
+        assert _tables_equal(full.table(table=table), read_table(tmp_path / "cut" / "demo", table), skip=()) == [], table
     listed = {s["file"] for s in m["shards"]}
     on_disk = {os.path.relpath(os.path.join(d, f), tmp_path / "cut" / "demo")
                for d, _, fs in os.walk(tmp_path / "cut" / "demo") for f in fs} - {"manifest.json"}
@@ -551,8 +552,11 @@ def test_unit_inputs_and_engine_plan():
 
     assert I.parse_hf("hf:org/name:cfg@validation") == ("org/name", "cfg", "validation")
     assert I.parse_hf("hf:name") == ("name", None, "train")
-    assert E.bucket_lengths(128) == (16, 32, 64, 128)
-    assert E.bucket_lengths(100) == (16, 32, 64, 100)
+    assert E.bucket_lengths(128) == (16, 24, 32, 48, 64, 96, 128)
+    assert E.bucket_lengths(128, batch_tokens=256) == (16, 32, 64, 128)
+    assert E.bucket_lengths(8192, batch_tokens=3072)[:8] == (16, 24, 32, 48, 64, 96, 128, 192)
+    assert 2048 not in E.bucket_lengths(8192, batch_tokens=3072)            # 3072 / 2048 is not whole
+    assert E.bucket_lengths(100) == (16, 24, 32, 48, 64, 96, 100)
     assert E.bucket_lengths(128, [24, 48, 512]) == (24, 48, 128)
     # every bucket up to batch_tokens has the same padded tokens per batch
     assert {L * E.batch_size_for(L, 2048, None, 1) for L in (16, 32, 64, 128, 256, 512, 1024, 2048)} == {2048}
@@ -567,3 +571,28 @@ def test_unit_inputs_and_engine_plan():
     b = I.build_set([{"prompt": "a", "x": 1}], ["prompt", "x"], source="other", kind="csv", fields={})
     c = I.build_set([{"prompt": "a", "x": 2}], ["prompt", "x"], source="s", kind="jsonl", fields={})
     assert a.sha256 == b.sha256 != c.sha256                                         # content, not path or format
+
+
+def test_prism_lens_object(demo, tmp_path):
+    """A Prism (jaxlens.lens.prism) decodes in the same streaming pass; its rows equal lens_stats with the Prism."""
+    prism_mod = pytest.importorskip("jaxlens.lens.prism")
+    import jaxlens
+    from jaxlens.probe.gold import model_input_ids
+
+    d = demo.spec.d_model
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    prism = prism_mod.PrismLens(mean=rng.normal(size=d) * 0.1, var=rng.uniform(0.5, 2.0, size=d), Q=q)
+    rows = _prompts(3, seed=8, hi=10)
+    sw = _sweep(demo, _jsonl(tmp_path / "p.jsonl", rows), None, lenses="norm", prism=prism)
+    t = sw.table().to_pandas()
+    assert sorted(set(t.lens)) == ["norm", "prism"]
+    assert sw.models["demo"]["manifest"]["identity"]["lenses"][1]["object"] == "PrismLens"
+    ids = model_input_ids(demo.tokenizer, rows[1]["prompt"])
+    fw = demo.forward(np.asarray([ids]))
+    st = jaxlens.lens_stats(demo, fw, prism, positions="last", top_k=5)
+    s = t[(t.lens == "prism") & (t.prompt_id == "p1")].sort_values("layer")
+    np.testing.assert_allclose(s.entropy_bits, np.asarray(st.entropy_bits)[:, 0, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.kl_to_final_bits, np.asarray(st.kl_to_final_bits)[:, 0, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.prob1, np.asarray(st.top_probs)[:, 0, 0, 0], rtol=1e-5, atol=1e-7)
+    assert t[t.lens == "prism"]["topk_prompt_mass@50"].isna().all()           # the probe's Prism convention

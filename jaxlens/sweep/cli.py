@@ -74,10 +74,10 @@ def add_parser(subparsers):
     s.add_argument("--save-residuals", action="store_true",
                    help="also write the raw residuals at the last position (float32 .npy, memory-mappable)")
     s.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per batch (default 2048 on CPU, 32768 on accelerators)")
+                   help="padded tokens per batch (default 3072 on CPU, 49152 on accelerators)")
     s.add_argument("--max-batch", type=int, default=None, help="at most this many prompts per batch")
     s.add_argument("--buckets", default=None, metavar="L1,L2,...",
-                   help="padded lengths (default powers of two from 16 up to the model's context)")
+                   help="padded lengths (default 16, 24, 32, 48, 64, ... up to the model's context)")
     s.add_argument("--max-tokens", type=int, default=None,
                    help="prompts longer than this (or the model's context) get status too_long")
     s.add_argument("--window", type=int, default=2048,

@@ -57,8 +57,10 @@ def use_stable_kernels() -> None:
 MIN_ROWS = 64
 
 
-def bucket_lengths(max_len: int, buckets: Optional[Sequence[int]] = None) -> tuple:
-    """Padded lengths: ``buckets`` (sorted, capped at max_len) or powers of two from 16, ending at max_len."""
+def bucket_lengths(max_len: int, buckets: Optional[Sequence[int]] = None, batch_tokens: Optional[int] = None) -> tuple:
+    """Padded lengths: ``buckets`` (sorted, capped at max_len), or 16, 24, 32, 48, 64, 96, ... (steps of 2 and
+    1.5) up to max_len, keeping only lengths that divide ``batch_tokens`` (or exceed it), so every bucket's batch
+    holds the same number of padded tokens."""
     max_len = int(max_len)
     if buckets:
         out = sorted({int(b) for b in buckets if int(b) > 0})
@@ -68,7 +70,9 @@ def bucket_lengths(max_len: int, buckets: Optional[Sequence[int]] = None) -> tup
         return tuple(sorted(set(out)))
     out, L = [], MIN_BUCKET
     while L < max_len:
-        out.append(L)
+        for x in (L, L * 3 // 2):
+            if x < max_len and (batch_tokens is None or x >= batch_tokens or int(batch_tokens) % x == 0):
+                out.append(x)
         L *= 2
     out.append(max_len)
     return tuple(sorted(set(out)))
@@ -210,20 +214,24 @@ class StepConfig:
 
 
 def decode_blocks(B: int, cfg: StepConfig, mesh) -> tuple:
-    """(tb, nb): the last-position decode runs nb >= 2 blocks of tb sequences (a mesh: one block of
-    max(B, min_decode))."""
+    """(pb, nb, Bs): the rows, the final logits and the cosines of the last-position decode are computed in
+    nb >= 2 blocks of pb = MIN_ROWS sequences, the streaming pass runs over the first Bs = a multiple (>= 2) of
+    the stream's token block; Bs <= pb * nb. Under a mesh: one block of max(B, min_decode) sequences."""
     if mesh is not None:
-        return max(B, cfg.min_decode), 1
+        b = max(B, cfg.min_decode)
+        return b, 1, b
     tb = cfg.token_block
-    return tb, max(2, -(-B // tb))
+    Bs = tb * max(2, -(-B // tb))
+    return MIN_ROWS, max(2, -(-Bs // MIN_ROWS)), Bs
 
 
 def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias, ids, mask, last, gold, gather):
     """Program A of a step: the forward, every lens's rows at the last position (and at every position with
     ``positions_all``), the logits at the gathered ids, the cosines to the final logits, the final logits.
 
-    The decode side runs in fixed blocks of ``token_block`` sequences (a ``lax.map``), so its matrix products
-    have the same shapes whatever the batch: a row's numbers do not depend on the batch it is in."""
+    The decode side runs in fixed blocks (a ``lax.map`` over MIN_ROWS sequences; the streaming pass over blocks
+    of ``token_block``), so its matrix products have the same shapes whatever the batch: a row's numbers do not
+    depend on the batch it is in."""
     import jax
     import jax.numpy as jnp
 
@@ -263,8 +271,9 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
             out["final_logits"] = logits
         return out
 
-    def rows_at(pos, gold_rows, gather_ids, want_cos, tb, nb):
-        """Every block of tb sequences (Bp = tb * nb >= B; the extra sequences are zero rows)."""
+    def rows_at(pos, gold_rows, gather_ids, want_cos, tb, nb, Bs):
+        """Every block of tb sequences (Bp = tb * nb >= B; the extra sequences are zero rows); the streaming pass
+        gets the first Bs sequences."""
         P_ = pos.shape[1]
         Bp = tb * nb
         res = jnp.take_along_axis(fw.residuals, pos[None, :, :, None], axis=2)[layers]        # [R, B, P, d]
@@ -282,16 +291,16 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
                   None if gather_ids is None else gather_ids.reshape(nb, tb, -1))
             ys = jax.lax.map(lambda x: block(x[0], x[1], x[2], want_cos), xs)
             out = {k: v.reshape((v.shape[0] * v.shape[1],) + v.shape[2:]) for k, v in ys.items()}
-        dec = {"h": out.pop("h"), "teacher": out.pop("teacher"), "gold": gold_rows}
+        h = out.pop("h")
+        dec = {"h": h[:Bs * P_], "teacher": out.pop("teacher")[:Bs * P_], "gold": gold_rows[:Bs * P_]}
         if temp is not None:
-            dec["temp"] = jnp.broadcast_to(jnp.asarray(temp, jnp.float32), (Bp * P_, R))
+            dec["temp"] = jnp.broadcast_to(jnp.asarray(temp, jnp.float32), (Bs * P_, R))
         if want_cos:
-            out["rows"] = dec["h"].reshape(Bp, P_, R, -1)
+            out["rows"] = h.reshape(Bp, P_, R, -1)
         return dec, {k: v[:B] for k, v in out.items()}
 
     lastpos = last[:, None]
-    tb, nb = decode_blocks(B, cfg, mesh)
-    dec, host = rows_at(lastpos, gold, gather, True, tb, nb)
+    dec, host = rows_at(lastpos, gold, gather, True, *decode_blocks(B, cfg, mesh))
     host = {k: v[:, 0] for k, v in host.items()}       # [B, R, ...], final_logits [B, V]
     idc = jnp.clip(gather, 0, W.shape[1] - 1)
     host["Wg"] = jnp.moveaxis(jnp.take(W, idc, axis=1), 0, -1)                                # [B, S, d]
@@ -302,7 +311,8 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
     if cfg.positions_all:
         T = ids.shape[1]
         allpos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-        decs["all"], _ = rows_at(allpos, jnp.repeat(gold, T), None, False, *((B, 1) if mesh is not None else (1, B)))
+        decs["all"], _ = rows_at(allpos, jnp.repeat(gold, T), None, False,
+                                 *((B, 1, B) if mesh is not None else (1, B, B)))
     return decs, host
 
 
@@ -333,6 +343,9 @@ class Engine:
                               positions_k=int(positions_k), residuals=bool(residuals), token_block=int(tb),
                               min_decode=MIN_ROWS * shards)
         split = [split_lens(lz) for lz in self.lenses]
+        for lz, (arrs, _) in zip(self.lenses, split):
+            if not arrs and hasattr(lz, "place"):     # compiled in as constants: let it cache its device arrays now,
+                lz.place()                            # outside any trace (PrismLens)
         rep = None
         rebuilds = tuple(s[1] for s in split)
         arrays = [s[0] for s in split]
@@ -381,6 +394,21 @@ class Engine:
         sh = self._sharding(B, 1)
         return DI.local_rows(sh, B), DI.owned_rows(sh, B)
 
+    def stream_rows(self, B: int, n_real: int) -> int:
+        """Sequences the streaming pass decodes for a batch of B with n_real real prompts: the smallest of the
+        full decode size and its halves, quarters, eighths (multiples of the token block, >= 2 blocks) that
+        holds them — a partial batch does not decode its dummy rows, and the pass's per-row numbers do not
+        depend on how many blocks it runs."""
+        pb, nb, Bs = decode_blocks(B, self.cfg, self.mesh)
+        if self.mesh is not None:
+            return Bs
+        tb = self.cfg.token_block
+        for f in (8, 4, 2):
+            b = tb * max(2, -(-(Bs // f) // tb))
+            if n_real <= b < Bs:
+                return b
+        return Bs
+
     def run(self, batch: Batch) -> dict:
         """Dispatch one batch (asynchronously); returns the global output arrays."""
         import jax.numpy as jnp
@@ -396,14 +424,17 @@ class Engine:
             (lo, hi), _ = self.rows_of(B)
             args = tuple(DI.global_batch(a[lo:hi], self._sharding(B, a.ndim), a.shape) for a in arrs)
         decs, host = self._fn(self.model.params, self._lens_arrays, self._G, self._W, self._bias, *args)
-        return self._decode(decs, host, B)
+        return self._decode(decs, host, B, max(1, len(batch.jobs)))
 
-    def _decode(self, decs: dict, host: dict, B: int) -> dict:
+    def _decode(self, decs: dict, host: dict, B: int, n_real: int) -> dict:
         """Program B of a step: the vocabulary streaming pass of every row, as lens_stats runs it (its own jit)."""
         from jaxlens.lens import stream
 
         spec = self.model.spec
         out = dict(host)
+        Bs = self.stream_rows(B, n_real)
+        if Bs < decs["last"]["h"].shape[0]:
+            decs = dict(decs, last={k: v[:Bs] for k, v in decs["last"].items()})
         for kind, d in decs.items():
             k = self.cfg.top_k if kind == "last" else self.cfg.positions_k
             T = d["h"].shape[0]

@@ -366,7 +366,7 @@ def _sweep_model(model, prompt_set, root: str, *, plans, identity, resume, mesh,
     dp = 1
     if mesh is not None:
         dp = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
-    lengths = E.bucket_lengths(max_len, buckets)
+    lengths = E.bucket_lengths(max_len, buckets, batch_tokens)
     batch_of = {L: E.batch_size_for(L, batch_tokens, max_batch, dp) for L in lengths}
     k_dec = min(64, max(int(top_k), int(th.surface.topk_prompt_k)))
     engine = E.Engine(model, [p.lens for p in plans], top_k=k_dec, positions_all=positions_all, positions_k=top_k,
@@ -572,7 +572,9 @@ def _sweep_model(model, prompt_set, root: str, *, plans, identity, resume, mesh,
                  prompts_per_s=(stats["prompts_computed"] / wall) if wall > 0 else None,
                  tokens_per_s=(stats["real_tokens"] / wall) if wall > 0 else None,
                  padding_efficiency=(stats["real_tokens"] / stats["padded_tokens"]) if stats["padded_tokens"] else None,
-                 processes=pc)
+                 processes=pc, global_devices=jax.device_count(),
+                 params_fully_addressable=all(getattr(x, "is_fully_addressable", True)
+                                              for x in jax.tree_util.tree_leaves(model.params)))
     DI.barrier(f"jaxlens-sweep-{model.name}-done")
     store.stats.update(stats)
     store.write_manifest(status="complete")
@@ -660,7 +662,7 @@ def run_sweep(models, prompts, out: Optional[str] = None, *, lenses=None, tuned=
     if mesh is not None and not hasattr(mesh, "shape"):
         mesh = DI.mesh_from_spec(mesh)
     if batch_tokens is None:
-        batch_tokens = 2048 if jax.default_backend() == "cpu" else 32768
+        batch_tokens = 3072 if jax.default_backend() == "cpu" else 49152
     say(f"{len(prompt_set)} prompts from {prompts} ({prompt_set.describe()['input_statuses']}); lenses {','.join(names)}; "
         f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
     results, summary, used = {}, [], {}
