@@ -42,11 +42,11 @@ def test_two_processes_equal_one(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
-                               "--out", str(out), "--lens", "norm,raw", "--batch-tokens", str(BT), "--window", "8", "--buckets", "32",
-                               "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i), "--quiet"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    cmd = [sys.executable, "-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
+           "--out", str(out), "--lens", "norm,raw", "--batch-tokens", str(BT), "--window", "8", "--buckets", "32",
+           "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--quiet"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
     try:
         res = [p.communicate(timeout=240) for p in procs]
     finally:

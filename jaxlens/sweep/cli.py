@@ -28,14 +28,16 @@ def _buckets(text):
 def cmd_sweep(args) -> int:
     from jaxlens.sweep.run import run_sweep
 
-    run_sweep(args.model, args.prompts, args.out, lenses=args.lens, tuned=args.tuned, prism=args.prism,
-              resume=args.resume, mesh=args.mesh, dtype=args.dtype, top_k=args.top_k, positions=args.positions,
-              save_residuals=args.save_residuals, batch_tokens=args.batch_tokens, max_batch=args.max_batch,
-              buckets=_buckets(args.buckets), max_tokens=args.max_tokens, window=args.window,
-              fields=_fields(args.field), suite=args.suite, reference_quirks=args.reference_quirks,
-              coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-              distributed_auto=args.distributed == "auto", stable_kernels=args.stable_kernels,
-              progress=not args.quiet, return_tables=False)
+    res = run_sweep(
+        args.model, args.prompts, args.out, lenses=args.lens, tuned=args.tuned, prism=args.prism,
+        resume=args.resume, mesh=args.mesh, dtype=args.dtype, top_k=args.top_k, positions=args.positions,
+        save_residuals=args.save_residuals, batch_tokens=args.batch_tokens, max_batch=args.max_batch,
+        buckets=_buckets(args.buckets), max_tokens=args.max_tokens, window=args.window, fields=_fields(args.field),
+        suite=args.suite, reference_quirks=args.reference_quirks, coordinator=args.coordinator,
+        num_processes=args.num_processes, process_id=args.process_id, distributed_auto=args.distributed == "auto",
+        stable_kernels=args.stable_kernels, progress=not args.quiet, return_tables=False)
+    if args.quiet and res.summary:          # without --quiet the sweep printed it already (process 0 only)
+        print(res.summary_table())
     return 0
 
 
@@ -68,7 +70,8 @@ def add_parser(subparsers):
     s.add_argument("--distributed", choices=["off", "auto"], default="off",
                    help="auto: jax.distributed with the platform's detection (TPU pods, SLURM, Open MPI)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--top-k", type=int, default=5, help="top tokens written per layer (1..64; default 5, the pure CSV's)")
+    s.add_argument("--top-k", type=int, default=5,
+                   help="top tokens written per layer (1..64; default 5, the pure CSV's)")
     s.add_argument("--positions", choices=["last", "all"], default="last",
                    help="all: also a records-style table of every layer at every position")
     s.add_argument("--save-residuals", action="store_true",

@@ -1,10 +1,11 @@
 """The sweep engine: length buckets, a fixed set of padded shapes, and ONE jitted forward + fused decode
 per bucket shape.
 
-* :func:`bucket_lengths` / :func:`plan_window` — each prompt goes to the smallest padded length of a small
-  fixed set (powers of two from 16 up to the model's context) that holds it; each length has one batch size
-  (``batch_tokens // length``, a multiple of the data-parallel size), and a partial last batch is filled
-  with dummy rows, so a sweep compiles one program per bucket length it meets (:attr:`Engine.compiles`).
+* :func:`bucket_lengths` / :func:`plan_window` — a small fixed set of padded lengths (16, 24, 32, 48, ... up
+  to the model's context, those dividing ``batch_tokens``); each has one batch size (``batch_tokens //
+  length``, a multiple of the data-parallel size); a window's prompts are batched longest first, each batch
+  padded to the bucket of its longest prompt, only the last batch partial (dummy rows), so a sweep compiles
+  one program per bucket length it meets (:attr:`Engine.compiles`).
 * :class:`Engine` — the jitted step: the model's forward (:func:`jaxlens.models.decoder.apply`, whose
   unused all-position logits XLA drops), then at each prompt's last position every requested lens over
   layers 0..n stacked into ONE streaming pass over the vocabulary (:class:`jaxlens.lens.multi.StackedLens`
@@ -116,19 +117,18 @@ class Batch:
 
 
 def plan_window(window: int, jobs: Sequence[Job], lengths: Sequence[int], batch_of: dict) -> list:
-    """Batches of one window: jobs by bucket (ascending), then input order; one shape per bucket (a partial
-    last batch is filled with dummy rows)."""
-    by: dict = {}
-    for j in jobs:
-        n = len(j.ids)
-        L = next(b for b in lengths if b >= n)
-        by.setdefault(L, []).append(j)
-    out = []
-    for L in sorted(by):
-        js = sorted(by[L], key=lambda j: j.row.index)
+    """Batches of one window: the jobs longest first (ties by input order); each batch takes the next
+    batch_of[L] of them, L the bucket of its first (longest) job. Every batch of a bucket has the bucket's one
+    shape, and only the window's last batch is partial (filled with dummy rows): a bucket's last, short
+    batch is topped up with the longest prompts of the buckets below it, which fit. Since every bucket's batch
+    has the same number of padded tokens, where a prompt lands does not change its numbers."""
+    order = sorted(jobs, key=lambda j: (-len(j.ids), j.row.index))
+    out, i = [], 0
+    while i < len(order):
+        L = next(b for b in lengths if b >= len(order[i].ids))
         B = batch_of[L]
-        for s in range(0, len(js), B):
-            out.append(make_batch(window, L, B, js[s:s + B]))
+        out.append(make_batch(window, L, B, order[i:i + B]))
+        i += B
     return out
 
 
@@ -287,7 +287,8 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
         if nb == 1:
             out = block(res, last_res, gather_ids, want_cos)
         else:
-            xs = (jnp.moveaxis(res.reshape((R, nb, tb) + res.shape[2:]), 1, 0), last_res.reshape((nb, tb) + last_res.shape[1:]),
+            xs = (jnp.moveaxis(res.reshape((R, nb, tb) + res.shape[2:]), 1, 0),
+                  last_res.reshape((nb, tb) + last_res.shape[1:]),
                   None if gather_ids is None else gather_ids.reshape(nb, tb, -1))
             ys = jax.lax.map(lambda x: block(x[0], x[1], x[2], want_cos), xs)
             out = {k: v.reshape((v.shape[0] * v.shape[1],) + v.shape[2:]) for k, v in ys.items()}

@@ -276,7 +276,8 @@ def build_set(records: list, columns: list, *, source: str, kind: str, fields: d
         else:
             rid = str(i)
         if rid in ids:
-            raise JaxlensError(f"{source}: id {rid!r} appears twice (rows {ids[rid] + 1} and {i + 1}); ids must be unique")
+            raise JaxlensError(f"{source}: id {rid!r} appears twice (rows {ids[rid] + 1} and {i + 1}); "
+                               "ids must be unique")
         ids[rid] = i
         rows.append(PromptRow(index=i, id=rid, prompt=prompt, answer=answers[0], control_answer=answers[1],
                               extra={c: rec.get(c) for c in extra}, status=status, detail=detail))

@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -156,7 +156,8 @@ def _per_model(value, n_models: int, what: str) -> list:
     if len(value) == 1:
         return list(value) * n_models
     if len(value) != n_models:
-        raise JaxlensError(f"{what} is given {len(value)} times for {n_models} models (give it once, or once per model)")
+        raise JaxlensError(f"{what} is given {len(value)} times for {n_models} models "
+                           "(give it once, or once per model)")
     return list(value)
 
 
@@ -266,7 +267,8 @@ def prepare_window(tok, rows, *, bos: bool, max_len: int, vocab: int, decode, th
         ctl = G.align_gold(tok, r.prompt, r.control_answer, pieces_k=k) if r.control_answer is not None else None
         status, detail = r.status, r.detail
         if gold is not None and not gold.ok and status == "ok":
-            status, detail = "answer_unaligned", f"the answer could not be aligned ({gold.reason}); answer columns are blank"
+            status = "answer_unaligned"
+            detail = f"the answer could not be aligned ({gold.reason}); answer columns are blank"
         elif ctl is not None and not ctl.ok and status == "ok":
             status, detail = "control_unaligned", f"the control answer could not be aligned ({ctl.reason})"
         jobs.append((Job(row=r, ids=list(ids), ctx_ids=list(ctx), gold=gold, control=ctl,
@@ -588,7 +590,8 @@ def _sweep_model(model, prompt_set, root: str, *, plans, identity, resume, mesh,
 
 def run_sweep(models, prompts, out: Optional[str] = None, *, lenses=None, tuned=None, prism=None, resume: bool = False,
               mesh=None, dtype: str = "float32", top_k: int = 5, positions: str = "last", save_residuals: bool = False,
-              batch_tokens: Optional[int] = None, max_batch: Optional[int] = None, buckets=None, max_tokens: Optional[int] = None,
+              batch_tokens: Optional[int] = None, max_batch: Optional[int] = None, buckets=None,
+              max_tokens: Optional[int] = None,
               window: int = 2048, fields: Optional[dict] = None, suite=None, reference_quirks: bool = False,
               coordinator: Optional[str] = None, num_processes: Optional[int] = None,
               process_id: Optional[int] = None, distributed_auto: bool = False, stable_kernels: bool = False,
@@ -663,7 +666,8 @@ def run_sweep(models, prompts, out: Optional[str] = None, *, lenses=None, tuned=
         mesh = DI.mesh_from_spec(mesh)
     if batch_tokens is None:
         batch_tokens = 3072 if jax.default_backend() == "cpu" else 49152
-    say(f"{len(prompt_set)} prompts from {prompts} ({prompt_set.describe()['input_statuses']}); lenses {','.join(names)}; "
+    say(f"{len(prompt_set)} prompts from {prompts} ({prompt_set.describe()['input_statuses']}); "
+        f"lenses {','.join(names)}; "
         f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
     results, summary, used = {}, [], {}
     try:
@@ -692,7 +696,8 @@ def run_sweep(models, prompts, out: Optional[str] = None, *, lenses=None, tuned=
                 "prompts": {"source": str(prompts), "rows": len(prompt_set), "sha256": prompt_set.sha256},
                 "options": {"top_k": int(top_k), "positions": positions, "save_residuals": bool(save_residuals),
                             "window": int(window), "max_len": max_len, "buckets": list(buckets) if buckets else None,
-                            "batch_tokens": int(batch_tokens), "max_batch": None if max_batch is None else int(max_batch),
+                            "batch_tokens": int(batch_tokens),
+                            "max_batch": None if max_batch is None else int(max_batch),
                             "thresholds_sha256": thresholds_hash(th), "reference_quirks": bool(reference_quirks),
                             "stable_kernels": _stable_kernels_on()},
                 "versions": _versions(), "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},

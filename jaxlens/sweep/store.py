@@ -131,8 +131,8 @@ class Store:
         if old is not None:
             for key in ("prompts", "model", "dtype", "lenses", "options"):
                 if old.get("identity", {}).get(key) != identity.get(key):
-                    raise JaxlensError(f"cannot resume {self.root}: {_describe_change(key, old['identity'].get(key), identity.get(key))}; "
-                                       "use a new --out for a different sweep")
+                    what = _describe_change(key, old["identity"].get(key), identity.get(key))
+                    raise JaxlensError(f"cannot resume {self.root}: {what}; use a new --out for a different sweep")
             for w in old.get("windows_done", []):
                 entries = [s for s in old.get("shards", []) if s["window"] == w]
                 if self._verify(entries):

@@ -269,7 +269,8 @@ def prompt_row(job, lens_name: str, summary: Optional[dict], *, n_layers: int, t
     row["first_kl_below_1.0_frac"] = M.depth_fraction(s.get("first_kl_below_1.0"), n)
     row["copy_stability"] = (s.get("copy_thresholds") or {}).get("stability")
     pct = s.get("entropy_gap_bits_percentiles") or {}
-    row["entropy_gap_p25"], row["entropy_gap_p50"], row["entropy_gap_p75"] = pct.get("p25"), pct.get("p50"), pct.get("p75")
+    for q in ("p25", "p50", "p75"):
+        row[f"entropy_gap_{q}"] = pct.get(q)
     if confirmed is not None:
         row["L_semantic_confirmed"] = confirmed.get("L_semantic_confirmed")
         row["confirmed_source"] = confirmed.get("confirmed_source")
