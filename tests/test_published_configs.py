@@ -87,7 +87,9 @@ FACTS = {
 
 
 def test_every_fixture_is_listed():
-    assert sorted(p.name for p in CONFIGS.glob("*.json")) == sorted(FACTS) == sorted(BYTES)
+    # gguf__*.json are not published files: transformers wrote them from the two GGUF models (README there)
+    published = [p.name for p in CONFIGS.glob("*.json") if not p.name.startswith("gguf__")]
+    assert sorted(published) == sorted(FACTS) == sorted(BYTES)
 
 
 @pytest.mark.parametrize("name", sorted(BYTES))
