@@ -15,8 +15,12 @@ lengths, against three contestants on the SAME prompts:
 tables, manifest, metrics of the probe incl. copy flags, cosines, surface masses, summaries). "cold" includes
 XLA compilation; "warm" is a second sweep in the same process (its compiled step is reused).
 
+``--interleaved`` times the floor, jaxlens's step + its host work (the probe's metrics, rows, Arrow tables),
+torch-batched and the torch loop (``--loop-every`` prompts of each batch) batch by batch in turn, so that load
+from other processes on a shared machine hits every contestant alike; the ratios come from those sums.
+
 Peak RSS: ``--rss N1,N2`` runs the sweep CLI in fresh processes over N1 and N2 prompts and reports each one's
-peak resident memory (ru_maxrss). ``--two-process`` compares 2 processes (jax.distributed on 127.0.0.1, one
+peak resident memory (VmHWM). ``--two-process`` compares 2 processes (jax.distributed on 127.0.0.1, one
 fake CPU device each, mesh data=2) with 1 process on the same prompts.
 
 Usage: python benchmarks/sweep.py [--model smollm2] [--prompts 1000] [--loop-prompts 60]
@@ -216,6 +220,82 @@ def torch_batched(tm, batches, k=5, chunk_layers=8) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# interleaved per batch: the machine is shared, so the contestants alternate batch by batch
+
+
+def interleaved(model, tm, batches, loop_every: int, skip: set) -> dict:
+    """Per batch, in turn: the floor, jaxlens (engine step + the writer's host work for the batch: the probe's
+    metrics, rows, Arrow conversion), torch-batched, and the per-prompt torch loop on ``loop_every`` of the
+    batch's prompts. Returns the summed seconds of each (the loop's per prompt)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens.models import decoder
+    from jaxlens.probe import gold as G
+    from jaxlens.probe.metrics import ReferenceQuirks
+    from jaxlens.probe.suite import load_suite
+    from jaxlens.sweep import engine as E
+    from jaxlens.sweep import tables as TB
+    from jaxlens.sweep.run import _plans
+
+    spec = model.spec
+    th = load_suite("reference").thresholds
+    plans = _plans(model, [("norm", "norm", {}), ("logit", "logit", {})])
+    eng = E.Engine(model, ["norm", "logit"], top_k=50)
+    decode = G.token_decoder(model.tokenizer)
+    schema = TB.schemas(th, 5, {}, False, False)
+    copy_cols = TB.copy_columns(th)
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def bare(params, ids, mask, last, n_real):
+        res = decoder.apply(spec, params, ids, mask).residuals
+        rows = jnp.take_along_axis(res, last[None, :, None, None], axis=2)[:, :n_real, 0]
+        rows = jnp.concatenate([rows, rows], 0).reshape(-1, rows.shape[-1])
+        W, _ = decoder.unembedding(spec, params)
+        return jnp.max(jnp.dot(rows, W.astype(rows.dtype), preferred_element_type=jnp.float32), axis=-1)
+
+    def floor(b):
+        jax.block_until_ready(bare(model.params, jnp.asarray(b.ids), jnp.asarray(b.mask), jnp.asarray(b.last),
+                                   len(b.jobs)))
+
+    def ours(b):
+        out = eng.run(b)
+        host = eng.fetch(out, 0, b.size)
+        lt, pt = TB.TableBuilder(schema["layers"]), TB.TableBuilder(schema["prompts"])
+        for i, job in enumerate(b.jobs):
+            res = TB.prompt_metrics(host, i, job, plans, n=spec.n_layers, V=spec.vocab_size, decode=decode, th=th,
+                                    quirks=ReferenceQuirks(), top_k=5)
+            for lp, cols, s in res:
+                for r in TB.layer_rows(cols, job, lp.name, decode, 5, copy_cols):
+                    lt.add(r)
+                pt.add(TB.prompt_row(job, lp.name, s, n_layers=spec.n_layers, th=th, status="ok", detail=None,
+                                     carried={}, n_tokens=len(job.ids)))
+        lt.table(), pt.table()
+
+    t = {"floor": 0.0, "jaxlens": 0.0, "torch_batched": 0.0, "torch_loop": 0.0, "loop_prompts": 0}
+    for b in batches:                                        # compile every shape first
+        floor(b)
+        ours(b)
+    for b in batches:
+        t0 = time.perf_counter()
+        floor(b)
+        t1 = time.perf_counter()
+        ours(b)
+        t2 = time.perf_counter()
+        t["floor"] += t1 - t0
+        t["jaxlens"] += t2 - t1
+        if tm is not None and "torch-batched" not in skip:
+            t["torch_batched"] += torch_batched(tm, [b])
+        if tm is not None and "torch-loop" not in skip and loop_every:
+            sel = b.jobs[::max(1, len(b.jobs) // loop_every)][:loop_every]
+            t["torch_loop"] += torch_loop(tm, sel)[0]
+            t["loop_prompts"] += len(sel)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
 # jaxlens
 
 
@@ -237,9 +317,21 @@ def child(args) -> None:
     r = jaxlens.sweep(args.model, args.child_prompts, args.child_out, lenses="norm,logit", progress=False,
                       return_tables=False)
     st = r.models[next(iter(r.models))]["manifest"]["stats"]
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    print(json.dumps({"maxrss_mb": _vm_hwm_mb(),
                       "wall_s": time.perf_counter() - t0, "prompts_per_s": st["prompts_per_s"],
                       "prompts": st["prompts_computed"]}))
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; unlike ru_maxrss it is not inherited through fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def rss_runs(model_src, counts, tmp) -> list:
@@ -252,7 +344,7 @@ def rss_runs(model_src, counts, tmp) -> list:
                            env=dict(os.environ, JAXLENS_COMPILE_CACHE="off"))
         if r.returncode:
             raise RuntimeError(r.stderr[-2000:])
-        out.append(dict(json.loads(r.stdout.strip().splitlines()[-1]), n=n))
+        out.append(dict(json.loads(r.stdout.strip().splitlines()[-1]), n=n, model=model_src))
         print(f"rss {model_src} {n} prompts: {out[-1]}", flush=True)
     return out
 
@@ -296,8 +388,12 @@ def main():
     ap.add_argument("--loop-prompts", type=int, default=60, help="prompts the per-prompt torch loop runs")
     ap.add_argument("--batch-tokens", type=int, default=3072)
     ap.add_argument("--rss", default=None, help="comma-separated prompt counts for the peak-RSS runs")
-    ap.add_argument("--rss-model", default=None, help="model of the RSS runs (default --model)")
+    ap.add_argument("--rss-model", default=None,
+                    help="comma-separated models of the RSS runs and the 2-process run (default --model)")
     ap.add_argument("--two-process", type=int, default=0, help="prompts of the 1- vs 2-process comparison")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time floor / jaxlens / torch-batched / torch-loop batch by batch in turn (shared machines)")
+    ap.add_argument("--loop-every", type=int, default=2, help="--interleaved: torch-loop prompts per batch")
     ap.add_argument("--skip", default="", help="comma-separated: jaxlens, floor, torch-batched, torch-loop")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -346,11 +442,22 @@ def main():
                 fs.append(floor_run(model, batches))
             res["floor"] = {"wall_s": min(fs), "runs_s": fs, "prompts_per_s": args.prompts / min(fs)}
             print("floor", json.dumps(res["floor"]), flush=True)
+        tm = None
         if not ({"torch-batched", "torch-loop"} <= skip):
             import torch
 
             res["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
             tm = torch_model(args.model)
+        if args.interleaved:
+            iv = interleaved(model, tm, batches, args.loop_every, skip)
+            n = sum(len(b.jobs) for b in batches)
+            res["interleaved"] = {
+                "seconds": iv, "floor_prompts_per_s": n / iv["floor"], "jaxlens_prompts_per_s": n / iv["jaxlens"],
+                "jaxlens_over_floor": iv["jaxlens"] / iv["floor"],
+                "torch_batched_prompts_per_s": (n / iv["torch_batched"]) if iv["torch_batched"] else None,
+                "torch_loop_prompts_per_s": (iv["loop_prompts"] / iv["torch_loop"]) if iv["torch_loop"] else None}
+            print("interleaved", json.dumps(res["interleaved"]), flush=True)
+        elif tm is not None:
             if "torch-batched" not in skip:
                 tb = torch_batched(tm, batches)
                 res["torch_batched"] = {"wall_s": tb, "prompts_per_s": args.prompts / tb}
@@ -361,12 +468,13 @@ def main():
                 tl, _ = torch_loop(tm, sel)
                 res["torch_loop"] = {"prompts": len(sel), "wall_s": tl, "prompts_per_s": len(sel) / tl}
                 print("torch-loop", json.dumps(res["torch_loop"]), flush=True)
-            del tm
-        del model
+        del tm, model
+        rss_models = (args.rss_model or args.model).split(",")
         if args.rss:
-            res["rss"] = rss_runs(args.rss_model or args.model, [int(x) for x in args.rss.split(",")], tmp)
+            res["rss"] = [r for mname in rss_models
+                          for r in rss_runs(mname, [int(x) for x in args.rss.split(",")], tmp)]
         if args.two_process:
-            res["two_process"] = two_process(args.rss_model or args.model, args.two_process, tmp)
+            res["two_process"] = two_process(rss_models[0], args.two_process, tmp)
             print("two-process", json.dumps(res["two_process"]), flush=True)
     res["uptime_end"] = _uptime()
     j = res.get("jaxlens", {}).get("warm_prompts_per_s")
@@ -374,6 +482,11 @@ def main():
         for k in ("floor", "torch_batched", "torch_loop"):
             if k in res:
                 res[f"speed_vs_{k}"] = j / res[k]["prompts_per_s"]
+    iv = res.get("interleaved")
+    if iv:
+        for k in ("floor", "torch_batched", "torch_loop"):
+            if iv.get(f"{k}_prompts_per_s"):
+                res[f"interleaved_speed_vs_{k}"] = iv["jaxlens_prompts_per_s"] / iv[f"{k}_prompts_per_s"]
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
