@@ -591,3 +591,8 @@ def test_prism_lens_object(demo, tmp_path):
     np.testing.assert_allclose(s.kl_to_final_bits, np.asarray(st.kl_to_final_bits)[:, 0, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(s.prob1, np.asarray(st.top_probs)[:, 0, 0, 0], rtol=1e-5, atol=1e-7)
     assert t[t.lens == "prism"]["topk_prompt_mass@50"].isna().all()           # the probe's Prism convention
+    # the same Prism from a directory (--prism DIR, read with load_prism)
+    prism_mod.save_prism(prism, str(tmp_path / "prism"), format="jaxlens")
+    by_dir = _sweep(demo, _jsonl(tmp_path / "p.jsonl", rows), None, lenses="norm", prism=str(tmp_path / "prism"))
+    assert _tables_equal(sw.table(), by_dir.table()) == []
+    assert len(by_dir.models["demo"]["manifest"]["identity"]["lenses"][1]["sha256"]) == 64
