@@ -35,7 +35,8 @@ import numpy as np
 from jaxlens.errors import JaxlensError
 
 __all__ = ["DistInfo", "initialize", "info", "parse_mesh", "mesh_from_spec", "batch_sharding", "local_rows",
-           "owned_rows", "global_batch", "host_rows", "barrier", "allgather_bytes", "agree"]
+           "owned_rows", "global_batch", "host_rows", "barrier", "allgather_bytes", "agree", "add_cli_flags",
+           "init_from_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +293,30 @@ def agree(value: str, what: str) -> None:
     if bad:
         raise JaxlensError(f"the processes disagree about {what} (process {bad[0]} differs from process 0); "
                            "every process must see the same inputs")
+
+
+# --------------------------------------------------------------------------------------------------
+# the command-line flags every multi-host job shares
+
+
+def add_cli_flags(parser, mesh_help: str | None = None) -> None:
+    """``--mesh``, ``--coordinator``, ``--num-processes``, ``--process-id`` and ``--distributed`` on ``parser``
+    (the same flags for ``sweep``, ``train-lens``, ``eval-lens`` and ``fit-prism``)."""
+    parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
+                        help=mesh_help or "shard the batch over data (x fsdp) and the parameters over fsdp / tensor; "
+                                          "-1 = the remaining devices")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="jax.distributed: process 0's address (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--distributed", choices=["off", "auto"], default="off",
+                        help="auto: jax.distributed with the platform's detection (TPU pods, SLURM, Open MPI)")
+
+
+def init_from_args(args) -> DistInfo:
+    """:func:`initialize` from the flags of :func:`add_cli_flags` (before anything touches a JAX backend)."""
+    return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                      getattr(args, "process_id", None), auto=getattr(args, "distributed", "off") == "auto")
 
 
 def env_flag(name: str) -> bool:

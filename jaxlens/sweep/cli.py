@@ -61,14 +61,9 @@ def add_parser(subparsers):
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in OUT (refused if the prompts, model, dtype, lenses or "
                         "options changed)")
-    s.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
-                   help="shard the batch over data (x fsdp) and the parameters over fsdp / tensor; -1 = the rest")
-    s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="jax.distributed: process 0's address (with --num-processes and --process-id)")
-    s.add_argument("--num-processes", type=int, default=None)
-    s.add_argument("--process-id", type=int, default=None)
-    s.add_argument("--distributed", choices=["off", "auto"], default="off",
-                   help="auto: jax.distributed with the platform's detection (TPU pods, SLURM, Open MPI)")
+    from jaxlens.distributed import add_cli_flags
+
+    add_cli_flags(s)
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--top-k", type=int, default=5,
                    help="top tokens written per layer (1..64; default 5, the pure CSV's)")
