@@ -60,14 +60,18 @@ class _Cfg(NamedTuple):
     cdt: str            # GEMM operand dtype (rows, teacher and W chunks are cast to it inside the kernel)
 
 
-def _chunk_cols(W, bias, i, cfg, cdt):
-    """Chunk i: W columns [start, start + C) (clamped inside W), the mask add, and the bias slice."""
+def _chunk_cols(W, bias, i, cfg, cdt, nvalid=None):
+    """Chunk i: W columns [start, start + C) (clamped inside W), the mask add, and the bias slice.
+    ``nvalid``: columns at or past it are masked too (a vocabulary shard's padding; None: all are real)."""
     C = cfg.chunk
     V = cfg.vocab
     lo = i * C
     start = jnp.minimum(lo, V - C)
     wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
-    valid = (start + jnp.arange(C, dtype=jnp.int32)) >= lo
+    col = start + jnp.arange(C, dtype=jnp.int32)
+    valid = col >= lo
+    if nvalid is not None:
+        valid = valid & (col < nvalid)
     madd = jnp.where(valid, 0.0, NEG).astype(F32)
     bc = lax.dynamic_slice_in_dim(bias, start, C).astype(F32) if cfg.has_bias else None
     return wc, madd, bc
@@ -78,9 +82,9 @@ def _pre(y, wc, bc, cfg):
     return a if bc is None else a + bc
 
 
-def _chunk_logits(x, it, t, W, bias, i, cfg, cdt):
+def _chunk_logits(x, it, t, W, bias, i, cfg, cdt, nvalid=None):
     """Chunk i of the lens logits (pre-softcap a, softcapped hz, final z) and the teacher's zf."""
-    wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt)
+    wc, madd, bc = _chunk_cols(W, bias, i, cfg, cdt, nvalid)
     a = _pre(x, wc, bc, cfg)                                                  # [Tb, R, C]
     hz = _softcap(a, cfg.softcap)
     z = (hz * it[..., None] if cfg.has_temp else hz) + madd
@@ -125,15 +129,28 @@ def _fwd_block(x, it, t, W, bias, cfg):
     return ce, lse, lse_f, H_f
 
 
-def _fwd_grad_block(x, it, t, W, bias, cfg):
-    """One token block, loss *and* its Jacobian rows in a single vocabulary pass (used under autodiff).
+class _Acc(NamedTuple):
+    """The online accumulators of one vocabulary pass (module docstring), rescaled to the running maxima."""
+    m: jax.Array        # [T, R] student running max
+    S: jax.Array        # [T, R] sum e^{z - m}
+    mf: jax.Array       # [T] teacher running max
+    Sf: jax.Array       # [T] sum e^{zf - mf}
+    Zf: jax.Array       # [T] sum e^{zf - mf} (zf - mf)
+    B: jax.Array        # [T, R] sum e^{zf - mf} z
+    A1: jax.Array       # [T, R, d] sum e^{z - m} c'(a) W_v
+    A2: jax.Array       # [T, d] (or [T, R, d] with a softcap) sum e^{zf - mf} c'(a) W_v
+    D1: jax.Array       # [T, R] sum e^{z - m} hz      (temperature only)
+    D2: jax.Array       # [T, R] sum e^{zf - mf} hz    (temperature only)
+
+
+def _grad_acc_block(x, it, t, W, bias, cfg, nvalid=None) -> _Acc:
+    """One token block's accumulators for the loss *and* its Jacobian rows, in a single vocabulary pass.
 
     Besides the statistics of :func:`_fwd_block` it accumulates, with the same online rescaling,
     A1 = sum e^{z-m} c'(a) W_v  and  A2 = sum e^{z_f-m_f} c'(a) W_v  (c' = softcap derivative, 1 without
-    softcap, where A2 is per token), and for the temperature D1 = sum e^{z-m} hz, D2 = sum e^{z_f-m_f} hz. Then
-    d ce / dx = it (A1 / S - A2 / S_f) and d ce / d it = D1 / S - D2 / S_f: the backward only scales these by
-    the cotangent, so no logits are recomputed (4 d V flops per row instead of 6).
-    Returns (ce, H_f, jx [Tb, R, d] fp32, jit [Tb, R] fp32).
+    softcap, where A2 is per token), and for the temperature D1 = sum e^{z-m} hz, D2 = sum e^{z_f-m_f} hz.
+    :func:`_finish` turns them into the loss and d ce / dx = it (A1 / S - A2 / S_f), d ce / d it =
+    D1 / S - D2 / S_f, so the backward only scales these by the cotangent (4 d V flops per row, not 6).
     """
     Tb, R, d = x.shape
     cdt = jnp.dtype(cfg.cdt)
@@ -144,7 +161,7 @@ def _fwd_grad_block(x, it, t, W, bias, cfg):
 
     def step(acc, i):
         m, S, mf, Sf, Zf, B, A1, A2, D1, D2 = acc
-        wc, a, hz, z, zf = _chunk_logits(x, it, t, W, bias, i, cfg, cdt)
+        wc, a, hz, z, zf = _chunk_logits(x, it, t, W, bias, i, cfg, cdt, nvalid)
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         al = jnp.exp(m - m_new)
         e = jnp.exp(z - m_new[..., None])
@@ -172,17 +189,42 @@ def _fwd_grad_block(x, it, t, W, bias, cfg):
     acc0 = (jnp.full((Tb, R), NEG, F32), z2, jnp.full((Tb,), NEG, F32), jnp.zeros((Tb,), F32),
             jnp.zeros((Tb,), F32), z2, jnp.zeros((Tb, R, d), F32),
             jnp.zeros((Tb, R, d) if per_row_a2 else (Tb, d), F32), z2, z2)
-    (m, S, mf, Sf, Zf, B, A1, A2, D1, D2), _ = lax.scan(step, acc0, jnp.arange(n_chunks, dtype=jnp.int32))
+    acc, _ = lax.scan(step, acc0, jnp.arange(n_chunks, dtype=jnp.int32))
+    return _Acc(*acc)
+
+
+def _combine(acc: _Acc, axis_name: str) -> _Acc:
+    """The accumulators of every vocabulary shard on mesh axis ``axis_name``, merged (the online-softmax merge:
+    rescale each shard's sums to the global maxima, then psum). Identical on every shard afterwards."""
+    m = lax.pmax(acc.m, axis_name)
+    al = jnp.exp(acc.m - m)                           # 0 for a shard of padding only (m = NEG)
+    mf = lax.pmax(acc.mf, axis_name)
+    af = jnp.exp(acc.mf - mf)
+    ps = lambda v: lax.psum(v, axis_name)             # noqa: E731
+    A2s = af[:, None, None] if acc.A2.ndim == 3 else af[:, None]
+    return _Acc(m=m, S=ps(al * acc.S), mf=mf, Sf=ps(af * acc.Sf), Zf=ps(af * (acc.Zf + (acc.mf - mf) * acc.Sf)),
+                B=ps(af[:, None] * acc.B), A1=ps(al[..., None] * acc.A1), A2=ps(A2s * acc.A2),
+                D1=ps(al * acc.D1), D2=ps(af[:, None] * acc.D2))
+
+
+def _finish(acc: _Acc, it, cfg):
+    """(ce, H_f, jx [T, R, d], jit [T, R]) from (merged) accumulators."""
+    m, S, mf, Sf, Zf, B, A1, A2, D1, D2 = acc
     ce = m + jnp.log(S) - B / Sf[:, None]
     H_f = jnp.log(Sf) - Zf / Sf
-    A2n = A2 / Sf[:, None, None] if per_row_a2 else (A2 / Sf[:, None])[:, None, :]
+    A2n = A2 / Sf[:, None, None] if A2.ndim == 3 else (A2 / Sf[:, None])[:, None, :]
     jx = A1 / S[..., None] - A2n
     if cfg.has_temp:
         jx = jx * it[..., None]
         jit = D1 / S - D2 / Sf[:, None]
     else:
-        jit = z2
+        jit = jnp.zeros_like(S)
     return ce, H_f, jx, jit
+
+
+def _fwd_grad_block(x, it, t, W, bias, cfg):
+    """One token block, loss and Jacobian rows in one vocabulary pass: (ce, H_f, jx fp32, jit fp32)."""
+    return _finish(_grad_acc_block(x, it, t, W, bias, cfg), it, cfg)
 
 
 def _bwd_block(x, it, t, W, bias, lse, lse_f, g, cfg):
@@ -245,12 +287,18 @@ def _ce_fwd(x, it, t, W, bias, cfg):
     return (ce, H_f), (x, it, t, W, bias, lse, lse_f)
 
 
-def _ce_bwd(cfg, res, cts):
+def _fused_bwd(cfg, res, cts):
+    """Cotangents (x, it, t, W, bias) from the Jacobian rows saved by a fused forward."""
     g = cts[0].astype(F32)                                                    # H_f has no dependence on x / it
+    jx, jit, xdt = res
+    dx = (g[..., None] * jx).astype(xdt.dtype)
+    return dx, ((g * jit) if cfg.has_temp else None), None, None, None
+
+
+def _ce_bwd(cfg, res, cts):
+    g = cts[0].astype(F32)
     if cfg.fused_grad:
-        jx, jit, xdt = res
-        dx = (g[..., None] * jx).astype(xdt.dtype)
-        return dx, ((g * jit) if cfg.has_temp else None), None, None, None
+        return _fused_bwd(cfg, res, cts)
     x, it, t, W, bias, lse, lse_f = res
     dx, dit = _blocked(lambda xb, ib, tb, lb, lfb, gb: _bwd_block(xb, ib, tb, W, bias, lb, lfb, gb, cfg),
                        cfg, x.shape[0], x, it, t, lse, lse_f, g)
@@ -326,3 +374,107 @@ def dense_ce(x, t, W, bias=None, inv_temp=None, *, softcap=None, precision=None)
     ce = -jnp.sum(pf[:, None, :] * logq, axis=-1)
     H = -jnp.sum(pf * logpf, axis=-1)
     return ce, H
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary-parallel: W split over a mesh axis, token rows over others (tuned-lens training at scale)
+
+
+class _Shards(NamedTuple):
+    mesh: object
+    vocab_axis: str
+    token_axes: tuple
+    vocab: int            # the real (unpadded) vocabulary size
+
+
+def _vp_pass(x, it, t, W, bias, cfg, sh):
+    """The fused pass of every device on its (token rows, vocabulary shard), merged over the vocabulary axis."""
+    from jax.sharding import PartitionSpec as P
+
+    Vl = cfg.vocab
+    tp = sh.mesh.shape[sh.vocab_axis]
+    tok = sh.token_axes
+
+    def local(xl, il, tl, Wl, bl):
+        nvalid = None
+        if tp * Vl != sh.vocab:                       # the last shards hold padding columns
+            nvalid = jnp.clip(sh.vocab - lax.axis_index(sh.vocab_axis) * Vl, 0, Vl)
+        acc = _blocked(lambda xb, ib, tb: _grad_acc_block(xb, ib, tb, Wl, bl, cfg, nvalid), cfg, xl.shape[0],
+                       xl, il, tl)
+        acc = _Acc(*acc)
+        if tp > 1:
+            acc = _combine(acc, sh.vocab_axis)
+        return _finish(acc, il, cfg)
+
+    in_specs = (P(tok, None, None), P(tok, None), P(tok, None), P(None, sh.vocab_axis),
+                P(sh.vocab_axis) if cfg.has_bias else P())
+    out_specs = (P(tok, None), P(tok), P(tok, None, None), P(tok, None))
+    return jax.shard_map(local, mesh=sh.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        x, it, t, W, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _vp_ce(x, it, t, W, bias, cfg, sh):
+    ce, H_f, _, _ = _vp_pass(x, it, t, W, bias, cfg, sh)
+    return ce, H_f
+
+
+def _vp_ce_fwd(x, it, t, W, bias, cfg, sh):
+    ce, H_f, jx, jit = _vp_pass(x, it, t, W, bias, cfg, sh)
+    return (ce, H_f), (jx, jit, jnp.zeros((0,), x.dtype))
+
+
+def _vp_ce_bwd(cfg, sh, res, cts):
+    return _fused_bwd(cfg, res, cts)
+
+
+_vp_ce.defvjp(_vp_ce_fwd, _vp_ce_bwd)
+
+
+def vocab_parallel_ce(x, t, W, bias=None, inv_temp=None, *, mesh, vocab_axis: str = "tensor",
+                      token_axes: tuple = ("data", "fsdp"), softcap=None, chunk: int = DEFAULT_CHUNK,
+                      token_block: Optional[int] = None, block_elems: int = DEFAULT_BLOCK_ELEMS, precision=None,
+                      compute_dtype=None):
+    """:func:`stream_ce` with the vocabulary split over mesh axis ``vocab_axis`` and the token rows over
+    ``token_axes``: each device streams over its shard of W's columns for its rows only, and the online
+    statistics (max, partition sums, the teacher's entropy sum, and the fused gradient's accumulators A1 / A2
+    / D1 / D2) are merged across the vocabulary shards by pmax / psum (the online-softmax merge). No device
+    holds W whole or any [tokens x V] logits; the loss and the gradient are those of the dense computation.
+    A vocabulary that the axis does not divide is padded with masked columns. Same arguments and returns as
+    :func:`stream_ce` (fused gradient); the token count must divide over ``token_axes``.
+    """
+    from jaxlens.errors import JaxlensError
+
+    T, R, d = x.shape
+    V = W.shape[1]
+    tp = int(mesh.shape[vocab_axis])
+    token_axes = tuple(a for a in token_axes if a in mesh.shape)
+    ntok = 1
+    for a in token_axes:
+        ntok *= int(mesh.shape[a])
+    if T % ntok:
+        raise JaxlensError(f"{T} token rows do not split over the {ntok} devices of mesh axes {token_axes}")
+    Vl = -(-V // tp)
+    if compute_dtype is None:
+        compute_dtype = W.dtype if jnp.dtype(W.dtype).itemsize == 2 else F32
+    C = min(int(chunk), Vl)
+    Tl = T // ntok
+    tb = auto_token_block(Tl, R, C, block_elems) if token_block is None else max(1, min(int(token_block), Tl))
+    cfg = _Cfg(vocab=Vl, chunk=C, token_block=tb, softcap=None if softcap is None else float(softcap),
+               has_bias=bias is not None, has_temp=inv_temp is not None, precision=precision, fused_grad=True,
+               cdt=jnp.dtype(compute_dtype).name)
+    W = jax.lax.stop_gradient(W)
+    if tp * Vl != V:
+        W = jnp.pad(W, ((0, 0), (0, tp * Vl - V)))
+    if bias is None:
+        b = jnp.zeros((1,), F32)
+    else:
+        b = jax.lax.stop_gradient(bias)
+        if tp * Vl != V:
+            b = jnp.pad(b, (0, tp * Vl - V))
+    if inv_temp is None:
+        it = jnp.ones((T, R), F32)
+    else:
+        it = jnp.asarray(inv_temp, F32)
+        it = jnp.broadcast_to(it[None, :] if it.ndim == 1 else it, (T, R))
+    return _vp_ce(x, it, jax.lax.stop_gradient(t), W, b, cfg, _Shards(mesh, vocab_axis, token_axes, int(V)))

@@ -119,6 +119,7 @@ class Plan:
     lens_rows_per_token: float
     lens_matmul: str = "float32"   # operand dtype of the vocabulary GEMMs (fp32 accumulation, fp32 statistics)
     base: str = "norm"             # reference family: the normaliser under the translators ("norm" | "logit")
+    mesh: dict | None = None       # {"data": .., "fsdp": .., "tensor": ..} of the run (not part of the math)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,7 +134,10 @@ def _block_params(spec) -> int:
 
 def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=None, micro_batch=None,
               devices: int = 1, seed=None, chunk=None, tokenizer_max: int | None = None,
-              lens_matmul: str | None = None) -> Plan:
+              lens_matmul: str | None = None, batching: dict | None = None, mesh_shape: dict | None = None) -> Plan:
+    """Every number of a run (:class:`Plan`). ``devices``: the batch shards (data x fsdp of the mesh).
+    ``batching``: a checkpointed plan's ``seqs_per_step`` / ``micro_batches`` / ``micro_batch_seqs`` to keep
+    (a resume on another mesh runs the same micro-batches)."""
     spec = model.spec
     n, d, V = spec.n_layers, spec.d_model, spec.vocab_size
     tr, ob, op, sc = recipe["translator"], recipe["objective"], recipe["optimizer"], recipe["schedule"]
@@ -213,6 +217,9 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
             while per_dev % mpd:
                 mpd -= 1
         accum, mb_seqs = per_dev // mpd, mpd * devices
+    if batching is not None:
+        seqs, accum, mb_seqs = (int(batching[k]) for k in ("seqs_per_step", "micro_batches", "micro_batch_seqs"))
+        treason = batching.get("tokens_per_step_reason", treason)
     if mb_seqs % devices:
         raise JaxlensError(f"{mb_seqs} sequences per micro-batch do not split over {devices} devices")
 
@@ -240,7 +247,8 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
         smooth=float(ob.get("smooth", 0.0)), optimizer=opt,
         seed=int(seed) if seed is not None else int(recipe["data"].get("seed", 0)),
         chunk=int(chunk) if chunk else min(DEFAULT_CHUNK, V), flops_per_token=fpt,
-        lens_rows_per_token=rows_per_token, lens_matmul=lm, base=base)
+        lens_rows_per_token=rows_per_token, lens_matmul=lm, base=base,
+        mesh=None if mesh_shape is None else {k: int(v) for k, v in mesh_shape.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,8 +380,48 @@ def _sample(plan: Plan, key):
     return jax.vmap(one)(keys)
 
 
-def build_step(model, plan: Plan, optimizer, mesh) -> Callable:
-    """The jitted optimizer step (params, opt_state, model_params, ids [M, B, T], key) -> (params, opt, metrics)."""
+# logical axes of the lens parameters: the input dimension is ZeRO-sharded over ``fsdp`` (rule "embed")
+LENS_AXES = {"W": (None, "embed", None), "b": (None, "embed"), "U": (None, "embed", None),
+             "V": (None, "embed", None), "c": (None, "embed"), "theta": (None,)}
+
+
+def lens_shardings(lp, mesh) -> dict:
+    """NamedSharding per lens parameter (its input dimension over fsdp where fsdp divides it)."""
+    from jaxlens.models.sharding import sharding_for
+
+    return {k: sharding_for(tuple(v.shape), LENS_AXES[k], mesh) for k, v in lp.items()}
+
+
+def opt_shardings(abstract_opt, lp_shardings: dict, lp_shapes: dict, mesh):
+    """Optimizer-state shardings: a leaf shaped like a lens parameter takes its sharding (Adam's moments, the
+    momentum trace); anything else (step counts) is replicated."""
+    by_shape = {tuple(lp_shapes[k]): lp_shardings[k] for k in lp_shapes}
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: by_shape.get(tuple(a.shape), rep) if a.ndim else rep, abstract_opt)
+
+
+def batch_axes(mesh) -> tuple:
+    """The mesh axes the sequences of a batch are split over (the sharding rules' "batch")."""
+    return tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+
+
+def ids_sharding(mesh) -> NamedSharding:
+    """[micro-batches, sequences, T] token ids: sequences over (data, fsdp)."""
+    return NamedSharding(mesh, P(None, batch_axes(mesh), None))
+
+
+def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_sharding, mp_sharding) -> Callable:
+    """The jitted optimizer step (params, opt_state, model_params, ids [M, B, T], key) -> (params, opt, metrics).
+
+    One SPMD program over the (data, fsdp, tensor) mesh, partitioned by its input / output shardings (no
+    hand-written gathers): the frozen model's parameters as ``load_model(mesh=...)`` placed them (the
+    logical-axis rules), the lens parameters and optimizer state over ``fsdp``, the sequences of each
+    micro-batch over (data, fsdp), and the vocabulary GEMMs over ``tensor`` through
+    :func:`train_tuned.loss.vocab_parallel_ce` (online statistics merged by collectives). Gradients are
+    constrained to the lens parameters' sharding (a reduce-scatter), so the update runs sharded.
+    """
+    from .loss import vocab_parallel_ce
+
     spec = model.spec
     n = spec.n_layers
     nt = len(plan.trained_layers)
@@ -382,25 +430,31 @@ def build_step(model, plan: Plan, optimizer, mesh) -> Callable:
     Ls = plan.layers_per_step
     layer_div = Ls if plan.layer_reduction == "mean" else 1
     first = plan.trained_layers[0]
+    bax = batch_axes(mesh)
+    rows_sh = NamedSharding(mesh, P(None, bax, None))
+    act_sh = NamedSharding(mesh, P(bax, None, None))                         # [b, T, d]: sequences sharded
+    constrain = jax.lax.with_sharding_constraint
 
     def micro_loss(lp, mp, ids, layers, pos):
-        """Local (this device's sequences) data loss of one micro-batch, normalised by the global count."""
-        fw = decoder.apply(spec, mp, ids)
+        """Data loss of one micro-batch (all its sequences), normalised by the step's token count."""
+        fw = decoder.apply(spec, mp, ids, act_sharding=act_sh)
         res_all = jax.lax.stop_gradient(fw.residuals)                           # [n+1, b, T, d]
         if plan.positions == "sampled":
             res_all = jnp.take(res_all, pos, axis=2)                             # [n+1, b, P, d]
         b = ids.shape[0]
-        teacher = apply_norm(spec, mp["final_norm"], res_all[n]).reshape(b * pos.shape[0], -1)
+        N = b * pos.shape[0]
+        teacher = apply_norm(spec, mp["final_norm"], res_all[n]).reshape(N, -1)
         if Ls == nt:                                                             # every trained layer: a slice
-            res = res_all[first:first + nt].reshape(Ls, b * pos.shape[0], -1)
+            res = res_all[first:first + nt].reshape(Ls, N, -1)
         else:
-            res = jnp.take(res_all, layers, axis=0).reshape(Ls, b * pos.shape[0], -1)
+            res = jnp.take(res_all, layers, axis=0).reshape(Ls, N, -1)
+        res = constrain(res, rows_sh)
         rows, it = _rows(plan, spec, lp, mp, res, layers)                        # [Ls, N, d]
         W, bias = decoder.unembedding(spec, mp)
         cdt = jnp.dtype(plan.lens_matmul)
-        ce, H = stream_ce(jnp.swapaxes(rows, 0, 1), teacher, W.astype(cdt), bias,
-                          None if it is None else it, softcap=spec.final_softcap, chunk=plan.chunk,
-                          compute_dtype=cdt)
+        ce, H = vocab_parallel_ce(jnp.swapaxes(rows, 0, 1), teacher, W.astype(cdt), bias,
+                                  None if it is None else it, mesh=mesh, softcap=spec.final_softcap,
+                                  chunk=plan.chunk, compute_dtype=cdt)
         kl = ce - H[:, None]                                                     # [N, Ls]
         obj = kl if plan.loss == "kl" else ce
         loss = jnp.sum(obj) / (n_tok_micro * layer_div * M)
@@ -410,21 +464,19 @@ def build_step(model, plan: Plan, optimizer, mesh) -> Callable:
         cnt = jnp.zeros((nt,), F32).at[slot].add(jnp.float32(kl.shape[0]))
         return loss, (kl_sum, ce_sum, cnt, jnp.sum(H))
 
-    def local(lp, mp, ids, layers, pos):
+    def data_grads(lp, mp, ids, layers, pos):
         def body(acc, inp):
             ids_m, lay_m, pos_m = inp
             (loss, stats), g = jax.value_and_grad(micro_loss, has_aux=True)(lp, mp, ids_m, lay_m, pos_m)
+            g = constrain(g, lp_sharding)
             gsum, lsum, kls, ces, cnts, hs = acc
             return (jax.tree.map(jnp.add, gsum, g), lsum + loss, kls + stats[0], ces + stats[1],
                     cnts + stats[2], hs + stats[3]), None
 
         z = jnp.zeros((nt,), F32)
-        acc0 = (jax.tree.map(jnp.zeros_like, lp), jnp.float32(0), z, z, z, jnp.float32(0))
+        acc0 = (constrain(jax.tree.map(jnp.zeros_like, lp), lp_sharding), jnp.float32(0), z, z, z, jnp.float32(0))
         acc, _ = jax.lax.scan(body, acc0, (ids, layers, pos))
-        return jax.tree.map(lambda a: jax.lax.psum(a, "data"), acc)
-
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(None, "data"), P(), P()),
-                            out_specs=P(), check_vma=False)
+        return acc
 
     def reg_loss(lp, layers):
         reg = _regulariser(plan, lp)                                             # [nt]
@@ -433,9 +485,9 @@ def build_step(model, plan: Plan, optimizer, mesh) -> Callable:
 
     def step(lp, opt_state, mp, ids, key):
         layers, pos = _sample(plan, key)
-        g, data_loss, kl_sum, ce_sum, cnt, h_sum = sharded(lp, mp, ids, layers, pos)
+        g, data_loss, kl_sum, ce_sum, cnt, h_sum = data_grads(lp, mp, ids, layers, pos)
         rl, rg = jax.value_and_grad(reg_loss)(lp, layers)
-        grads = jax.tree.map(jnp.add, g, rg)
+        grads = constrain(jax.tree.map(jnp.add, g, rg), lp_sharding)
         updates, opt_state = optimizer.update(grads, opt_state, lp)
         lp = optax.apply_updates(lp, updates)
         metrics = {"loss": data_loss + rl, "data_loss": data_loss, "reg": rl,
@@ -445,8 +497,8 @@ def build_step(model, plan: Plan, optimizer, mesh) -> Callable:
 
     rep = NamedSharding(mesh, P())
     return jax.jit(step, donate_argnums=(0, 1),
-                   in_shardings=(rep, rep, rep, NamedSharding(mesh, P(None, "data")), rep),
-                   out_shardings=(rep, rep, rep))
+                   in_shardings=(lp_sharding, opt_sharding, mp_sharding, ids_sharding(mesh), rep),
+                   out_shardings=(lp_sharding, opt_sharding, rep))
 
 
 def _global_norm(tree):
@@ -457,13 +509,14 @@ def _global_norm(tree):
 _STEP_CACHE: dict = {}
 
 
-def _cached_step(model, plan: Plan, optimizer, mesh):
-    """build_step, reused across runs in one process with the same spec, plan and devices (no recompile)."""
-    key = (model.spec, json.dumps(plan.as_dict(), sort_keys=True), tuple(d.id for d in mesh.devices.flat))
+def _cached_step(model, plan: Plan, optimizer, mesh, lp_sharding, opt_sharding, mp_sharding):
+    """build_step, reused across runs in one process with the same spec, plan and mesh (no recompile)."""
+    key = (model.spec, json.dumps(plan.as_dict(), sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+           tuple(mesh.shape.items()), str(jax.tree.leaves(mp_sharding)[:1]))
     if key not in _STEP_CACHE:
         if len(_STEP_CACHE) >= 8:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-        _STEP_CACHE[key] = build_step(model, plan, optimizer, mesh)
+        _STEP_CACHE[key] = build_step(model, plan, optimizer, mesh, lp_sharding, opt_sharding, mp_sharding)
     return _STEP_CACHE[key]
 
 
@@ -497,8 +550,9 @@ def _restore(mngr, step: int, abstract_lp, abstract_opt, abstract_key):
     return r["lens"], r["opt"], r["rng"]["key"], r["meta"]
 
 
-def _abstract(tree, sharding):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+def _abstract_sharded(tree, shardings):
+    """Abstract restore targets: ``tree``'s shapes / dtypes with one sharding per leaf (a matching tree)."""
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,10 +611,11 @@ class TrainResult:
     history: list
 
 
-def _lens_from_params(plan: Plan, model, lp, card: dict):
+def _lens_from_params(plan: Plan, model, lp, card: dict, final_norm=None):
     lp = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), lp)
     if plan.family == "tuned-lens":
-        fn = jax.tree.map(lambda a: jnp.asarray(a, F32), dict(model.params["final_norm"]))
+        fn = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), F32),
+                          dict(final_norm if final_norm is not None else model.params["final_norm"]))
         return FullRankLens(lp["W"], lp["b"], NormSpec.of(model.spec), fn, card=card)
     return LowRankLens(lp["U"], lp["V"], lp["c"], lp.get("theta"), n_layers=plan.n_layers, card=card, base=plan.base)
 
@@ -596,27 +651,105 @@ def _losses_summary(plan: Plan, first: dict | None, history: list) -> dict:
 # The driver
 
 
+# the plan keys that may differ on resume: where the run executes, not what it computes
+_RESUME_FREE = ("plan.devices", "plan.mesh")
+
+
+def _to_host(tree):
+    """Whole numpy copies of (possibly sharded, multi-process) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def _local_value(x) -> np.ndarray:
+    """A replicated (or fully addressable) array's value, from this process's first shard."""
+    return np.asarray(x) if getattr(x, "is_fully_addressable", True) else np.asarray(x.addressable_data(0))
+
+
+def resolve_mesh(mesh=None, devices=1):
+    """The training mesh: ``mesh`` (a Mesh, a dict or "data=N,fsdp=N,tensor=N"), else ``devices`` data-parallel
+    devices (0 / "all" = every device)."""
+    from jaxlens import distributed as DI
+    from jaxlens.models.sharding import make_mesh
+
+    if mesh is not None:
+        return mesh if hasattr(mesh, "devices") else DI.mesh_from_spec(mesh)
+    ndev = len(jax.devices()) if devices in (0, "all") else int(devices)
+    return make_mesh(data=ndev)
+
+
+def _batch_shards(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def _model_params(model, mesh):
+    """The frozen model's parameters on ``mesh`` by the logical-axis rules, and their shardings."""
+    from jaxlens.models.sharding import layout_shardings
+
+    shardings = layout_shardings(decoder.param_layout(model.spec), mesh)
+    params = model.params
+    leaves = jax.tree.leaves(params)
+    if getattr(model, "mesh", None) is mesh or all(
+            getattr(a, "sharding", None) == sh for a, sh in zip(leaves, jax.tree.leaves(shardings))):
+        return params, shardings
+    if jax.process_count() > 1 and not all(getattr(a, "is_fully_addressable", True) for a in leaves):
+        raise JaxlensError("a model loaded on another mesh cannot be re-placed across processes; pass its source "
+                           "(or load_model(..., mesh=<the training mesh>))")
+    return jax.device_put(params, shardings), shardings
+
+
 def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "tuned-lens", stop_at=None,
                resume: bool = False, tokens_per_step=None, seq_len=None, micro_batch=None, devices: int = 1,
+               mesh=None, coordinator=None, num_processes=None, process_id=None, distributed_auto: bool = False,
                checkpoint_every=None, seed=None, dtype: str = "float32", text_field: str = "text", chunk=None,
                lens_matmul: str | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train (or resume) a tuned lens; see the module docstring. ``model_source`` is a source string or a Model."""
-    from jaxlens.models.loader import load_model
-    from jaxlens.models.sharding import make_mesh
+    """Train (or resume) a tuned lens; see the module docstring. ``model_source`` is a source string or a Model.
 
-    say = log or (lambda msg: print(f"[jaxlens] {msg}", file=sys.stderr, flush=True))
+    ``mesh``: "data=N,fsdp=N,tensor=N" (or a Mesh): the frozen model sharded by the logical-axis rules, the
+    lens and optimizer state over fsdp, sequences over (data, fsdp), the vocabulary over tensor; without it,
+    ``devices`` data-parallel devices. ``coordinator`` / ``num_processes`` / ``process_id`` (or
+    ``distributed_auto``): join a ``jax.distributed`` job first (every process runs this with the same
+    arguments; each feeds its own sequences; checkpoints are written by all, the lens by process 0).
+    """
+    from jaxlens import distributed as DI
+    from jaxlens.models.loader import load_model
+    from jaxlens.writers import write_json
+
+    DI.initialize(coordinator, num_processes, process_id, auto=distributed_auto)   # before any backend use
+    lead = jax.process_index() == 0
+    say0 = log or (lambda msg: print(f"[jaxlens] {msg}", file=sys.stderr, flush=True))
+    say = say0 if lead else (lambda msg: None)
     rec = load_recipe(recipe)
-    model = load_model(model_source, dtype=dtype) if isinstance(model_source, str) else model_source
     if stop_at is not None and int(stop_at) < 1:
         raise JaxlensError("--stop-at must be at least 1")
-    ndev = len(jax.devices()) if devices in (0, "all") else int(devices)
-    mesh = make_mesh(data=ndev)
+    mesh = resolve_mesh(mesh, devices)
+    shards = _batch_shards(mesh)
+    model = load_model(model_source, dtype=dtype, mesh=mesh) if isinstance(model_source, str) else model_source
     tok = model.tokenizer
     tok_max = getattr(tok, "model_max_length", None)
+    out = os.path.abspath(out)
+    run_path = os.path.join(out, RUN_FILE)
+    ckpt_path = os.path.join(out, CKPT_DIR)
+    saved = None
+    if resume and os.path.exists(run_path):
+        with open(run_path) as f:
+            saved = json.load(f)
+    batching = None
+    if saved is not None:                       # resume: the checkpointed run's micro-batches, on any mesh
+        sp = saved["plan"]
+        batching = {k: sp[k] for k in ("seqs_per_step", "micro_batches", "micro_batch_seqs", "tokens_per_step_reason")}
+        if int(sp["micro_batch_seqs"]) % shards:
+            raise JaxlensError(f"--resume: the checkpointed run's micro-batches of {sp['micro_batch_seqs']} sequences "
+                               f"do not split over the {shards} data x fsdp shards of this mesh "
+                               f"({dict(mesh.shape)}); resume on a mesh whose data x fsdp divides "
+                               f"{sp['micro_batch_seqs']}")
     plan = make_plan(model, rec, steps=steps, tokens_per_step=tokens_per_step, seq_len=seq_len,
-                     micro_batch=micro_batch, devices=ndev, seed=seed, chunk=chunk, tokenizer_max=tok_max,
-                     lens_matmul=lens_matmul)
+                     micro_batch=None if batching else micro_batch, devices=shards, seed=seed, chunk=chunk,
+                     tokenizer_max=tok_max, lens_matmul=lens_matmul, batching=batching, mesh_shape=dict(mesh.shape))
     if plan.steps < 1:
         raise JaxlensError("--steps must be at least 1")
     src = data_mod.open_source(data, tok, plan.seq_len, join_eos=bool(rec["data"].get("join_eos", True)),
@@ -625,56 +758,59 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
     data_desc = src.describe()
     mfp = model_fingerprint(model)
     run_cfg = _run_config(plan, rec, mfp, data_desc)
+    DI.agree(json.dumps(run_cfg, sort_keys=True, default=str), "the run's settings (model, data, recipe, plan)")
     every = int(checkpoint_every) if checkpoint_every else max(1, min(50, plan.steps // 4))
-    out = os.path.abspath(out)
-    run_path = os.path.join(out, RUN_FILE)
-    ckpt_path = os.path.join(out, CKPT_DIR)
     have_ckpt = os.path.isdir(ckpt_path) and any(name.isdigit() for name in os.listdir(ckpt_path))
     if have_ckpt and not resume:
         raise JaxlensError(f"{out} already holds training checkpoints; pass --resume to continue, or use a new --out")
-    if resume and os.path.exists(run_path):
-        with open(run_path) as f:
-            saved = json.load(f)
-        diff = _diff(saved, json.loads(json.dumps(run_cfg)))
+    if saved is not None:
+        diff = [k for k in _diff(saved, json.loads(json.dumps(run_cfg))) if k not in _RESUME_FREE]
         if diff:
             raise JaxlensError(f"--resume: this run's settings differ from the checkpointed run's in {', '.join(diff[:6])}")
-    from jaxlens.writers import write_json
+    if lead:
+        os.makedirs(out, exist_ok=True)
+        write_json(run_path, run_cfg)
+    DI.barrier("jaxlens-train-setup")
 
-    os.makedirs(out, exist_ok=True)
-    write_json(run_path, run_cfg)
-
-    rep = NamedSharding(mesh, P())
     optimizer = make_optimizer(plan)
     base_key = jax.random.key(plan.seed)
-    lp0 = init_lens_params(plan, jax.random.fold_in(base_key, 0))
-    mparams = jax.device_put(model.params, rep)
+    rep = NamedSharding(mesh, P())
+    abs_lp = jax.eval_shape(lambda: init_lens_params(plan, jax.random.fold_in(base_key, 0)))
+    lp_sh = lens_shardings(abs_lp, mesh)
+    abs_opt = jax.eval_shape(optimizer.init, abs_lp)
+    opt_sh = opt_shardings(abs_opt, lp_sh, {k: v.shape for k, v in abs_lp.items()}, mesh)
+    mparams, mp_sh = _model_params(model, mesh)
     mngr = _ckpt_manager(out)
     start, position, chash = 0, 0, data_mod.EMPTY_HASH
     first, tail, curve = None, [], []          # step-1 record, the last HISTORY_TAIL records, every step's loss
     if resume and mngr.latest_step() is not None:
         last = mngr.latest_step()
-        abs_lp = _abstract(jax.eval_shape(lambda: lp0), rep)
-        abs_opt = _abstract(jax.eval_shape(optimizer.init, abs_lp), rep)
         abs_key = jax.ShapeDtypeStruct(jax.random.key_data(base_key).shape, jnp.uint32, sharding=rep)
-        lp, opt_state, key_data, meta = _restore(mngr, last, abs_lp, abs_opt, abs_key)
+        lp, opt_state, key_data, meta = _restore(mngr, last, _abstract_sharded(abs_lp, lp_sh),
+                                                 _abstract_sharded(abs_opt, opt_sh), abs_key)
         if int(meta["step"]) != last:
             raise JaxlensError(f"checkpoint {last} in {ckpt_path} is inconsistent (meta step {meta['step']})")
-        base_key = jax.random.wrap_key_data(jnp.asarray(key_data))
+        base_key = jax.random.wrap_key_data(jnp.asarray(_local_value(key_data)))
         start, position, chash = last, int(meta["data_position"]), meta["content_hash"]
         first, tail, curve = meta["first"], list(meta["tail"]), list(meta["curve"])
         say(f"resumed from step {last} (data position {position})")
     else:
-        lp = jax.device_put(lp0, rep)
-        opt_state = jax.device_put(optimizer.init(lp0), rep)
+        init = jax.jit(lambda: init_lens_params(plan, jax.random.fold_in(jax.random.key(plan.seed), 0)),
+                       out_shardings=lp_sh)
+        lp = init()
+        opt_state = jax.jit(optimizer.init, in_shardings=(lp_sh,), out_shardings=opt_sh)(lp)
     key_data = jax.random.key_data(base_key)
-    step_fn = _cached_step(model, plan, optimizer, mesh)
-    ids_sharding = NamedSharding(mesh, P(None, "data"))
+    step_fn = _cached_step(model, plan, optimizer, mesh, lp_sh, opt_sh, mp_sh)
+    ids_sh = ids_sharding(mesh)
+    M, B, T = plan.micro_batches, plan.micro_batch_seqs, plan.seq_len
+    lo, hi = DI.local_rows(DI.batch_sharding(mesh, B, 1), B)
     end = plan.steps if stop_at is None else min(plan.steps, int(stop_at))
     say(f"{plan.recipe} recipe on {model.name}: {plan.steps} steps x {plan.tokens_per_step} tokens "
-        f"({plan.seqs_per_step} x {plan.seq_len}; {plan.micro_batches} micro-batches; {ndev} device(s)); "
+        f"({plan.seqs_per_step} x {plan.seq_len}; {plan.micro_batches} micro-batches; mesh "
+        f"{','.join(f'{k}={v}' for k, v in mesh.shape.items())}, {jax.process_count()} process(es)); "
         f"layers {plan.trained_layers[0]}..{plan.trained_layers[-1]}")
     bar = None
-    if progress:
+    if progress and lead:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -684,12 +820,12 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
     try:
         for k in range(start + 1, end + 1):
             t0, c0 = time.perf_counter(), time.process_time()
-            batch = src.batch(position, plan.seqs_per_step)
+            batch = src.batch(position, plan.seqs_per_step)      # the whole step (its hash), fed by row shares
             chash = data_mod.chain_hash(chash, batch)
-            ids = jax.device_put(batch.reshape(plan.micro_batches, plan.micro_batch_seqs, plan.seq_len),
-                                 ids_sharding)
+            local = np.ascontiguousarray(batch.reshape(M, B, T)[:, lo:hi])
+            ids = DI.global_batch(local, ids_sh, (M, B, T))
             lp, opt_state, m = step_fn(lp, opt_state, mparams, ids, jax.random.fold_in(base_key, k))
-            m = jax.device_get(m)
+            m = {name: _local_value(v) for name, v in m.items()}
             position += plan.seqs_per_step
             dt = time.perf_counter() - t0
             if timing["first_step_seconds"] is None:
@@ -738,7 +874,8 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
         "training": {"complete": complete, "steps_done": final_step, "steps": plan.steps,
                      "tokens": final_step * plan.tokens_per_step, "tokens_per_step": plan.tokens_per_step,
                      "micro_batches": plan.micro_batches, "micro_batch_seqs": plan.micro_batch_seqs,
-                     "devices": ndev, "checkpoint_every": every, "seed": plan.seed,
+                     "devices": int(mesh.size), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+                     "processes": jax.process_count(), "checkpoint_every": every, "seed": plan.seed,
                      "lens_params_dtype": "float32", "model_dtype": mfp["dtype"],
                      "lens_matmul_dtype": plan.lens_matmul,
                      "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend()},
@@ -746,7 +883,11 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
         "loss_curve": [round(x, 6) for x in curve],
         "last_session": timing,
     }
-    lens = _lens_from_params(plan, model, lp, card)
-    save_lens(lens, out, card=card)
+    host_lp = _to_host(lp)
+    final_norm = _to_host(dict(mparams["final_norm"])) if plan.family == "tuned-lens" else None
+    lens = _lens_from_params(plan, model, host_lp, card, final_norm)
+    if lead:
+        save_lens(lens, out, card=card)
+    DI.barrier("jaxlens-train-lens-written")
     say(f"{'finished' if complete else 'stopped'} at step {final_step}/{plan.steps}; lens written to {out}")
     return TrainResult(out=out, step=final_step, complete=complete, lens=lens, card=card, history=tail)

@@ -290,13 +290,20 @@ def _dynamic_rope(spec: ArchSpec, inv_freq, dyn, key_valid):
     return jnp.where(use[..., None], dyn_inv, inv_freq)
 
 
-def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unroll: int = 1) -> ForwardOutput:
-    """Pure forward pass: every raw residual stream and the model's float32 logits."""
+def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unroll: int = 1,
+          act_sharding=None) -> ForwardOutput:
+    """Pure forward pass: every raw residual stream and the model's float32 logits.
+
+    ``act_sharding``: optional sharding of the [B, T, d] residual stream (e.g. batch over (data, fsdp)),
+    imposed after the embedding and every block, so that parameters sharded on ``embed`` are gathered per
+    use instead of the activations taking the parameters' layout (FSDP under jit)."""
     dtype = params["embed"].dtype
     B, T = input_ids.shape
+    pin = (lambda v: v) if act_sharding is None else (
+        lambda v: jax.lax.with_sharding_constraint(v, act_sharding))
     key_valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
     positions = jnp.arange(T, dtype=jnp.int32)
-    x0 = embed(spec, params, input_ids, dtype)
+    x0 = pin(embed(spec, params, input_ids, dtype))
     if spec.positional == "rope":
         inv, scales, dyn = spec.rope_tables()
         inv_freq = jnp.broadcast_to(jnp.asarray(inv)[:, None], (spec.n_layers, B, spec.rotary_dim // 2))
@@ -308,7 +315,7 @@ def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unrol
 
     def body(x, layer):
         p, win, inv, sc = layer
-        y = block(spec, p, x, key_valid, win, inv, sc, positions)
+        y = pin(block(spec, p, x, key_valid, win, inv, sc, positions))
         return y, y
 
     xL, ys = jax.lax.scan(body, x0, (params["blocks"], jnp.asarray(windows), jnp.asarray(inv_freq),

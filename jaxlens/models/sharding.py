@@ -74,3 +74,10 @@ def shard_batch(x, mesh: Mesh | None):
     if mesh is None:
         return x
     return jax.device_put(x, sharding_for(x.shape, ("batch",) + (None,) * (x.ndim - 1), mesh))
+
+
+def layout_shardings(layout: dict, mesh: Mesh, rules: dict | None = None):
+    """A tree of (shape, logical axes) leaves (``decoder.param_layout``) -> the same tree of NamedShardings."""
+    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
+    return jax.tree.map(lambda leaf: sharding_for(tuple(leaf[0]), tuple(leaf[1]), mesh, rules), layout,
+                        is_leaf=is_leaf)
