@@ -764,7 +764,7 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
     if have_ckpt and not resume:
         raise JaxlensError(f"{out} already holds training checkpoints; pass --resume to continue, or use a new --out")
     if saved is not None:
-        diff = [k for k in _diff(saved, json.loads(json.dumps(run_cfg))) if k not in _RESUME_FREE]
+        diff = [k for k in _diff(saved, json.loads(json.dumps(run_cfg))) if not k.startswith(_RESUME_FREE)]
         if diff:
             raise JaxlensError(f"--resume: this run's settings differ from the checkpointed run's in {', '.join(diff[:6])}")
     if lead:
@@ -799,7 +799,8 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
                        out_shardings=lp_sh)
         lp = init()
         opt_state = jax.jit(optimizer.init, in_shardings=(lp_sh,), out_shardings=opt_sh)(lp)
-    key_data = jax.random.key_data(base_key)
+    key_data = DI.global_batch(np.asarray(_local_value(jax.random.key_data(base_key))), rep,
+                               tuple(jax.random.key_data(base_key).shape))          # replicated on the mesh
     step_fn = _cached_step(model, plan, optimizer, mesh, lp_sh, opt_sh, mp_sh)
     ids_sh = ids_sharding(mesh)
     M, B, T = plan.micro_batches, plan.micro_batch_seqs, plan.seq_len

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlens.models.sharding import lookup_shardings
 from jaxlens.models.spec import ArchSpec
 
 F32 = jnp.float32
@@ -303,7 +304,12 @@ def apply(spec: ArchSpec, params: dict, input_ids, attention_mask=None, *, unrol
         lambda v: jax.lax.with_sharding_constraint(v, act_sharding))
     key_valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
     positions = jnp.arange(T, dtype=jnp.int32)
-    x0 = pin(embed(spec, params, input_ids, dtype))
+    look = None if act_sharding is None else lookup_shardings(act_sharding, spec.d_model)
+    if look is not None:                     # gather with d on fsdp, then one all-to-all to the batch layout
+        x0 = pin(jax.lax.with_sharding_constraint(
+            embed(spec, params, jax.lax.with_sharding_constraint(input_ids, look[0]), dtype), look[1]))
+    else:
+        x0 = pin(embed(spec, params, input_ids, dtype))
     if spec.positional == "rope":
         inv, scales, dyn = spec.rope_tables()
         inv_freq = jnp.broadcast_to(jnp.asarray(inv)[:, None], (spec.n_layers, B, spec.rotary_dim // 2))

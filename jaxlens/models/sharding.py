@@ -81,3 +81,21 @@ def layout_shardings(layout: dict, mesh: Mesh, rules: dict | None = None):
     is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
     return jax.tree.map(lambda leaf: sharding_for(tuple(leaf[0]), tuple(leaf[1]), mesh, rules), layout,
                         is_leaf=is_leaf)
+
+
+def lookup_shardings(act: NamedSharding, d_model: int):
+    """Shardings around an embedding lookup whose result must become ``act`` ([B, T, d], batch-sharded).
+
+    The table is [vocab, embed] with ``embed`` on the fsdp axis: gathering rows with batch-sharded ids on
+    that same axis makes the partitioner replicate the table. Instead the ids are split over the batch axes
+    other than fsdp, the gather keeps d on fsdp, and one all-to-all moves to ``act``. Returns
+    (ids sharding, gathered sharding), or None when the table's embed dimension is not sharded."""
+    mesh = act.mesh
+    e = RULES["embed"]
+    if e not in mesh.shape or mesh.shape[e] == 1 or d_model % mesh.shape[e]:
+        return None
+    b = act.spec[0] if len(act.spec) else None
+    b = (b,) if isinstance(b, str) else tuple(b or ())
+    rest = tuple(a for a in b if a != e)
+    bspec = rest if len(rest) > 1 else (rest[0] if rest else None)
+    return NamedSharding(mesh, P(bspec, None)), NamedSharding(mesh, P(bspec, None, e))
