@@ -14,6 +14,9 @@ import json
 import math
 import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ def setup(tmp_path_factory):
     corpus.write_text(F.corpus_text().replace("\n", "\n\n"), encoding="utf-8")
     prism_dir = str(base / "prism")
     fit = fit_prism(model, prism_dir, data=str(corpus), k=K, tokens=N_ROWS, reservoir=RESERVOIR, seq_len=SEQ,
-                    batch_seqs=BATCH, progress=False, log=lambda m: None)
+                    batch_seqs=BATCH, progress=False, log=lambda m: None, keep_stats=True)
     out = str(base / "out")
     res = run_probe(model, out_dir=out, prism=prism_dir)
     return dict(tm=tm, model=model, path=path, corpus=str(corpus), prism_dir=prism_dir, fit=fit, res=res, out=out,
@@ -176,19 +179,127 @@ def test_recipe_pieces_by_hand():
 
 
 def test_fit_is_data_parallel(setup):
-    """The same fit over a 4-device data mesh (8 fake CPU devices in the test session)."""
+    """The same fit with the batch over a data x fsdp mesh of the 8 fake CPU devices of the test session (the
+    batch of 4 sequences rounds up to 8, one per device: the stream order does not depend on it)."""
     import jax
     from train_tuned.prism import fit_prism
 
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 devices")
+    if jax.device_count() != 8:
+        pytest.skip("needs the test session's 8 devices")
     fit = fit_prism(setup["path"], None, data=setup["corpus"], k=K, tokens=N_ROWS, reservoir=RESERVOIR,
-                    seq_len=SEQ, batch_seqs=BATCH, mesh="data=4", progress=False, log=lambda m: None)
+                    seq_len=SEQ, batch_seqs=BATCH, mesh="data=4,fsdp=2", progress=False, log=lambda m: None)
     one = setup["fit"].prism
     np.testing.assert_allclose(fit.prism.mean, one.mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(fit.prism.var, one.var, rtol=1e-6)
     np.testing.assert_allclose(fit.prism.Q, one.Q, atol=1e-4)
-    assert fit.provenance["jaxlens"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert fit.provenance["jaxlens"]["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def _same_stats(one: dict, other: dict) -> dict:
+    """The accumulated statistics of two fits agree to 1e-5 on their own scale (means in standard deviations,
+    M2 elementwise, the reservoir rows and the Grams against the array's largest entry); returns the measured
+    differences."""
+    assert other["count"] == one["count"] == N_ROWS
+    assert np.array_equal(other["reservoir_index"], one["reservoir_index"])        # the same rows, slot for slot
+    f = {k: np.asarray(v, np.float64) for k, v in one.items()}
+    g = {k: np.asarray(v, np.float64) for k, v in other.items()}
+
+    def scaled(k):
+        return float(np.abs(f[k] - g[k]).max() / np.abs(f[k]).max())
+
+    d = {"mean": float(np.max(np.abs(f["mean"] - g["mean"]) / np.sqrt(f["m2"] / N_ROWS))),
+         "m2": float(np.max(np.abs(f["m2"] - g["m2"]) / f["m2"])),
+         "reservoir_rows": scaled("reservoir_rows"), "gram_reservoir": scaled("gram_reservoir"),
+         "gram_unembed": scaled("gram_unembed")}
+    assert max(d.values()) <= 1e-5, d
+    return d
+
+
+def test_fit_on_a_sharded_mesh_keeps_every_statistic(setup):
+    """data=2,fsdp=2,tensor=2 over the session's 8 fake devices (model sharded over fsdp / tensor, batch over
+    data x fsdp): the counts, means, M2, the reservoir's rows and both Grams equal the one-device fit's."""
+    import jax
+    from train_tuned.prism import fit_prism
+
+    if jax.device_count() != 8:
+        pytest.skip("needs the test session's 8 devices")
+    fit = fit_prism(setup["path"], None, data=setup["corpus"], k=K, tokens=N_ROWS, reservoir=RESERVOIR,
+                    seq_len=SEQ, batch_seqs=BATCH, mesh="data=2,fsdp=2,tensor=2", progress=False,
+                    log=lambda m: None, keep_stats=True)
+    d = _same_stats(setup["fit"].stats, fit.stats)
+    one = setup["fit"].prism
+    np.testing.assert_allclose(fit.prism.var, one.var, rtol=1e-5)
+    np.testing.assert_allclose(fit.prism.extras["pca_singular_values"], one.extras["pca_singular_values"], rtol=1e-5)
+    np.testing.assert_allclose(fit.prism.Q, one.Q, atol=1e-4)
+    assert fit.provenance["jaxlens"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    print("max relative differences, mesh vs one device:", d)
+
+
+_TWO_PROCESS = """
+import json, sys
+import numpy as np
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxlens import distributed as DI
+port, pid, path, corpus, out, stats = sys.argv[1:7]
+DI.initialize(f"127.0.0.1:{port}", 2, int(pid))
+from train_tuned.prism import fit_prism
+fit = fit_prism(path, out, data=corpus, k=%d, tokens=%d, reservoir=%d, seq_len=%d, batch_seqs=%d,
+                mesh="data=2,fsdp=2,tensor=2", progress=False, log=lambda m: None, keep_stats=True)
+np.savez(stats, **{k: np.asarray(v) for k, v in fit.stats.items()}, Q=fit.prism.Q, var=fit.prism.var)
+print(json.dumps({"processes": fit.provenance["jaxlens"]["processes"], "out": fit.out}))
+""" % (K, N_ROWS, RESERVOIR, SEQ, BATCH)
+
+
+def test_two_processes_fit_the_one_process_prism(setup, tmp_path):
+    """jax.distributed on 127.0.0.1: two processes x 4 fake CPU devices (gloo), mesh data=2,fsdp=2,tensor=2 (the
+    data axis across the processes, each feeding its half of every batch). Both processes end with the same
+    statistics, equal to the one-process fit's; only process 0 writes its output directory."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    outs = [tmp_path / f"prism{i}" for i in range(2)]
+    npz = [tmp_path / f"stats{i}.npz" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, str(port), str(i), setup["path"], setup["corpus"],
+                               str(outs[i]), str(npz[i])], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        res = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (o, e) in zip(procs, res):
+        assert p.returncode == 0, e[-4000:]
+    assert json.loads(res[0][0].strip().splitlines()[-1])["processes"] == 2
+    assert (outs[0] / "whiten.pt").is_file() and not outs[1].exists()             # process 0 writes, alone
+    got = [dict(np.load(f)) for f in npz]
+    for k in got[0]:
+        np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=k)            # every process: the same fit
+    two = dict(got[0], count=int(got[0]["count"]))
+    d = _same_stats(setup["fit"].stats, two)
+    np.testing.assert_allclose(two["var"], setup["fit"].prism.var, rtol=1e-5)
+    np.testing.assert_allclose(two["Q"], setup["fit"].prism.Q, atol=1e-4)
+    from jaxlens.lens.prism import load_prism
+
+    saved = load_prism(str(outs[0]), setup["model"])
+    np.testing.assert_array_equal(saved.Q, two["Q"])
+    print("max relative differences, two processes vs one:", d)
+
+
+def test_fit_prism_cli_mesh_errors(tmp_path, capsys):
+    from jaxlens.cli import main
+
+    for mesh, words in (("data=x", "not an integer"), ("bogus=2", "expected data=N"),
+                        ("data=3", "covers 3 devices")):
+        assert main(["fit-prism", "--out", str(tmp_path / "p"), "--mesh", mesh, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxlens: error: --mesh") and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()
 
 
 def test_reference_quirks_fit(setup, tmp_path):

@@ -47,6 +47,14 @@ same P x depths rows repeated (the reference runs one forward per cycled prompt,
 Cost and resumability: the fit reads N / depths token positions (25,000 by default) in batched forwards,
 data-parallel over the mesh's (data, fsdp) axes, then solves three d x d eigen / SVD problems in float64 on
 the host. That is seconds to minutes even for a 14B model, so the fit is not resumable: rerun it.
+
+Sharded / multi-host (``mesh=`` / ``--mesh``, ``--coordinator`` ...; :mod:`jaxlens.distributed`): the model is
+loaded sharded, the batch (rounded up to a multiple of the data x fsdp shards; the stream order, and so every
+row's index, does not depend on the batch size) is split over (data, fsdp), and each process feeds the
+sequences its devices hold. The per-sequence moments and the batch's reservoir picks come back replicated, so
+every process merges the same numbers in the same order: counts, means, M2, the reservoir (its slots are fixed
+by the row indices alone) and both Grams equal a one-process run's up to fp32 rounding of the sharded forward,
+whatever the number of processes. Every process returns the same fit; only process 0 writes ``out``.
 """
 from __future__ import annotations
 
@@ -261,9 +269,12 @@ def orthogonality_error(Q) -> float:
 # the row stream on the device
 
 
-def _stats_fn(spec, layers: tuple, normalised: bool):
+def _stats_fn(spec, layers: tuple, normalised: bool, mesh=None):
     """jit (params, ids [B, T], gather [G], limit) -> per-sequence (count [B], mean [B, d], M2 [B, d]) and the
-    gathered rows [G, d] (fp32) of the (sequence, position, depth)-ordered rows whose flat index < limit."""
+    gathered rows [G, d] (fp32) of the (sequence, position, depth)-ordered rows whose flat index < limit.
+
+    Under a mesh the outputs are replicated: every process reads the whole batch's statistics and picks back
+    and merges them in the same order, so every process ends with the same fit (and the same as one)."""
     from jaxlens.lens.stats import normalise
     from jaxlens.models import decoder
 
@@ -287,7 +298,17 @@ def _stats_fn(spec, layers: tuple, normalised: bool):
         picked = jnp.take(rows.reshape(B * T * D, -1), gather, axis=0)
         return cnt, mean, m2, picked
 
-    return jax.jit(fn)
+    return jax.jit(fn, **_replicated_out(mesh))
+
+
+def _replicated_out(mesh) -> dict:
+    """jit keyword arguments making every output replicated over ``mesh`` (nothing without a mesh)."""
+    if mesh is None:
+        return {}
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return {"out_shardings": NamedSharding(mesh, P())}
 
 
 def _grams(mesh):
@@ -312,22 +333,9 @@ class PrismFit:
     out: str | None
     provenance: dict
     timings: dict
-
-
-def parse_mesh(text: str | None):
-    """``data=N,fsdp=N,tensor=N`` (any subset) -> a mesh (None for None)."""
-    if not text:
-        return None
-    from jaxlens.models.sharding import make_mesh
-
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    for part in text.split(","):
-        key, _, val = part.partition("=")
-        key = key.strip()
-        if key not in sizes or not val.strip().isdigit() or int(val) < 1:
-            raise JaxlensError(f"--mesh {text}: expected data=N,fsdp=N,tensor=N with positive integers")
-        sizes[key] = int(val)
-    return make_mesh(**sizes)
+    #: with ``keep_stats=True``: the accumulated statistics (count, mean, m2, reservoir_index, reservoir_rows,
+    #: gram_reservoir = the centred whitened reservoir's Gram, gram_unembed = W_U W_Uᵀ), for checks
+    stats: dict | None = None
 
 
 def _demo_corpus(tmpdir: str, n_docs: int) -> tuple:
@@ -356,28 +364,42 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
               tokens: int | None = None, reservoir: int | None = None, reference_quirks: bool = False,
               seq_len: int | None = None, batch_seqs: int | None = None, mesh=None, dtype: str = "float32",
               text_field: str = "text", force: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> PrismFit:
+              log: Callable[[str], None] | None = None, keep_stats: bool = False) -> PrismFit:
     """Fit a Prism (module docstring) and write it into ``out`` (both formats; None = do not write).
 
     ``model_source``: a source string or a loaded Model. ``data``: fixed recipe: a text / .jsonl file or
     ``hf:NAME[:CONFIG][@SPLIT]`` (default for the demo model: the generated demo corpus); reference recipe: a
     prompt file (one per line; default the reference's 10 prompts). ``tokens`` / ``reservoir``: the row budget
-    and reservoir size (default by model size). ``mesh``: a mesh or "data=N,..." (data-parallel rows)."""
+    and reservoir size (default by model size). ``mesh``: a mesh or "data=N,fsdp=N,tensor=N"
+    (:func:`jaxlens.distributed.mesh_from_spec`): the model sharded as loaded, the sequences of each batch over
+    (data, fsdp). Under ``jax.distributed`` (:func:`jaxlens.distributed.initialize` first) every process feeds
+    its devices' sequences, every process returns the same fit, and only process 0 writes ``out``.
+    ``keep_stats``: also return the accumulated statistics (:attr:`PrismFit.stats`)."""
+    from jaxlens import distributed as DI
     from jaxlens.lens.prism import PrismLens, find_format, save_prism
     from jaxlens.models.loader import load_model
-    from jaxlens.models.sharding import shard_batch
 
+    lead = DI.info().is_coordinator
+    if not lead:
+        log, progress = (lambda msg: None), False
     say = log or (lambda msg: print(f"[jaxlens] {msg}", file=sys.stderr, flush=True))
     t_start = time.perf_counter()
-    if isinstance(mesh, str):
-        mesh = parse_mesh(mesh)
-    if out is not None and not force and os.path.isdir(out) and find_format(out):
+    if mesh is not None and not hasattr(mesh, "shape"):
+        mesh = DI.mesh_from_spec(mesh)
+    taken = out is not None and not force and os.path.isdir(out) and bool(find_format(out))
+    if jax.process_count() > 1:                    # process 0, the writer, decides (its file system may differ)
+        taken = DI.allgather_bytes(b"1" if taken else b"0")[0] == b"1"
+    if taken:
         raise JaxlensError(f"{out} already holds a Prism; pass --force to replace it, or use a new --out")
     if isinstance(model_source, str):
         model = load_model(model_source, dtype=dtype, mesh=mesh)
     else:
         model = model_source
-        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+        if mesh is None:
+            mesh = getattr(model, "mesh", None)
+        elif getattr(model, "mesh", None) is None or model.mesh != mesh:
+            raise JaxlensError("a loaded model fitted on a mesh must have been loaded with that mesh "
+                               "(load_model(..., mesh=...)); or pass its source instead")
     spec = model.spec
     n, d, V = spec.n_layers, spec.d_model, spec.vocab_size
     lay = parse_layers(layers, n)
@@ -408,7 +430,9 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
         ids, mask = pad_batch(seqs)
         fw = model.forward(ids, mask)
         last = mask.sum(1) - 1
-        res = np.asarray(fw.residuals, np.float32)[np.asarray(lay)][:, np.arange(len(seqs)), last]   # [D, P, d]
+        pick = jax.jit(lambda r: r[np.asarray(lay)][:, np.arange(len(seqs)), last].astype(F32),
+                       **_replicated_out(mesh))
+        res = np.asarray(pick(fw.residuals), np.float32)                        # [D, P, d]
         base = np.transpose(res, (1, 0, 2)).reshape(len(seqs) * D, d)            # stream order: prompt, depth
         N = int(math.ceil(N / D) * D)                                            # whole prompts, as the reference
         cycle = base.shape[0]
@@ -452,14 +476,19 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
                                        vocab_size=V)
             ndev = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
             B = int(batch_seqs) if batch_seqs else max(1, 4096 // T)
-            B = int(math.ceil(B / ndev) * ndev)
+            B = int(math.ceil(B / ndev) * ndev)           # the stream order does not depend on B (docstring)
+            if mesh is not None:
+                sharding = DI.batch_sharding(mesh, B, 2)
+                feed = DI.local_rows(sharding, B)          # the sequences of a batch this process's devices hold
+                DI.agree(f"{getattr(src, 'sha256', None)} {src.describe().get('kind')} {N} {R} {lay} {k_req} {T} {B}",
+                         "the Prism fit's data, budgets and batch")
             per_batch = B * T * D
             n_batches = int(math.ceil(N / per_batch))
             owners = reservoir_owners(N, R)
             slot_of = {int(i): s for s, i in enumerate(owners)}
             order = np.sort(owners)
             G = int(min(len(owners), per_batch))
-            fn = _stats_fn(spec, tuple(lay), True)
+            fn = _stats_fn(spec, tuple(lay), True, mesh)
             X = np.zeros((len(owners), d), np.float32)
             params = model.params
             bar = _bar(progress, N)
@@ -475,9 +504,13 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
                 mine = order[lo:hi] - start
                 gidx = np.zeros(G, np.int32)
                 gidx[:len(mine)] = mine
-                ids = src.batch(bi * B, B)
-                ids = shard_batch(jnp.asarray(ids, jnp.int32), mesh)
-                cnt, mu, m2, picked = jax.device_get(fn(params, ids, jnp.asarray(gidx), jnp.int32(limit)))
+                if mesh is None:
+                    ids = jnp.asarray(src.batch(bi * B, B), jnp.int32)
+                else:
+                    lo_r, hi_r = feed
+                    ids = DI.global_batch(np.asarray(src.batch(bi * B + lo_r, hi_r - lo_r), np.int32), sharding,
+                                          (B, T))
+                cnt, mu, m2, picked = jax.device_get(fn(params, ids, gidx, np.int32(limit)))
                 for b in range(B):
                     moments.merge(cnt[b], mu[b], m2[b])
                 for j, rel in enumerate(mine):
@@ -508,11 +541,17 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
     t1 = time.perf_counter()
     kk = int(min(k_req, X.shape[0], d))
     gram = _grams(mesh)
+    grams = {}
+    if keep_stats:
+        def gram(Xc, _g=gram):
+            grams["reservoir"] = _g(Xc)
+            return grams["reservoir"]
     E, sv = pca_basis(X, mean, var, EPS, kk, gram=gram)
     from jaxlens.lens.pairwise import gram as w_gram
 
     W = model.unembedding()[0]
-    G_u = np.asarray(w_gram(jnp.asarray(W, F32)), np.float64)                    # [d, d], never V x V
+    G_u = np.asarray(jax.jit(lambda w: w_gram(w.astype(F32)), **_replicated_out(mesh))(W),
+                     np.float64)                                                  # [d, d], never V x V
     U, eig = unembed_basis(G_u, kk, pair_with=E)
     Q_col, err64, used_qr = procrustes(U, E)
     Q_save = (Q_col if reference_quirks else Q_col.T).astype(np.float32)
@@ -547,6 +586,7 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
             "procrustes_qr_fallback": used_qr, "orthogonality_error_float64": err64, "var_floor": VAR_FLOOR,
             "data": data_desc, "model": {"source": model.source, "name": model.name, "arch": spec.arch},
             "mesh": None if mesh is None else {k_: int(v) for k_, v in mesh.shape.items()},
+            "processes": jax.process_count(),
             "timings": {"stream_s": seconds_stream, "linalg_s": seconds_linalg, "total_s": total_s,
                         "rows_per_s": rows_per_s, "rows_per_s_steady": stream_rows_per_s},
         },
@@ -556,12 +596,19 @@ def fit_prism(model_source, out: str | None, *, data: str | None = None, k: int 
     prism = PrismLens(mean.astype(np.float32), var.astype(np.float32), Q_save, EPS, provenance=prov,
                       extras=extras, format="memory")
     if out is not None:
-        save_prism(prism, out)
-        prism.path = os.path.abspath(out)
-        say(f"Prism ({recipe} recipe) written to {out}: k {kk}, orthogonality error {err:.2e}, "
-            f"{N} rows in {seconds_stream:.2f} s ({rows_per_s:,.0f} rows/s)")
+        if lead:                                   # every process holds the same fit; process 0 writes it
+            save_prism(prism, out)
+            prism.path = os.path.abspath(out)
+            say(f"Prism ({recipe} recipe) written to {out}: k {kk}, orthogonality error {err:.2e}, "
+                f"{N} rows in {seconds_stream:.2f} s ({rows_per_s:,.0f} rows/s)")
+        DI.barrier("fit-prism written")
+    stats = None
+    if keep_stats:
+        stats = {"count": moments.count, "mean": moments.mean.copy(), "m2": moments.m2.copy(),
+                 "reservoir_index": np.asarray(owners, np.int64), "reservoir_rows": X,
+                 "gram_reservoir": grams.get("reservoir"), "gram_unembed": G_u}
     return PrismFit(prism=prism, out=None if out is None else os.path.abspath(out), provenance=prov,
-                    timings=prov["jaxlens"]["timings"])
+                    timings=prov["jaxlens"]["timings"], stats=stats)
 
 
 def _bar(progress: bool, total: int):
