@@ -321,12 +321,20 @@ def _norm_table(spec, params):
     return table, np.arange(n + 1) == n
 
 
-def _rows(plan: Plan, spec, lp, mp, res, layers):
+def _rows(plan: Plan, spec, lp, mp, res, layers, w_layer_sharding=None):
     """Student rows [R, N, d] (fp32) and inverse temperatures [R] (or None) for raw residuals res [R, N, d]
     at jaxlens layers ``layers`` (traced int [R])."""
     if plan.family == "tuned-lens":
-        y = fullrank_translate(lp["W"], lp["b"], res, layers, jnp.ones(layers.shape, bool))
-        return apply_norm(spec, mp["final_norm"], y), None
+        if w_layer_sharding is None:
+            y = fullrank_translate(lp["W"], lp["b"], res, layers, jnp.ones(layers.shape, bool))
+            return apply_norm(spec, mp["final_norm"], y), None
+
+        def one(_, inp):                            # every layer in order, one layer's W gathered at a time
+            W_l, b_l, h_l = inp
+            W_l = jax.lax.with_sharding_constraint(W_l, w_layer_sharding)   # its cotangent: reduce-scattered
+            y = fullrank_translate(W_l[None], b_l[None], h_l[None], jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool))
+            return None, apply_norm(spec, mp["final_norm"], y[0])
+        return jax.lax.scan(one, None, (lp["W"], lp["b"], res))[1], None
     if plan.base == "logit":                  # the logit lens under the translators: final norm everywhere
         x = apply_norm(spec, mp["final_norm"], res.astype(F32))
     else:
@@ -433,6 +441,9 @@ def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_shardi
     bax = batch_axes(mesh)
     rows_sh = NamedSharding(mesh, P(None, bax, None))
     act_sh = NamedSharding(mesh, P(bax, None, None))                         # [b, T, d]: sequences sharded
+    w_layer = None                                                           # one translator's sharding [d, d]
+    if "W" in lp_sharding:
+        w_layer = NamedSharding(mesh, P(*lp_sharding["W"].spec[1:]))
     constrain = jax.lax.with_sharding_constraint
 
     def micro_loss(lp, mp, ids, layers, pos):
@@ -449,7 +460,7 @@ def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_shardi
         else:
             res = jnp.take(res_all, layers, axis=0).reshape(Ls, N, -1)
         res = constrain(res, rows_sh)
-        rows, it = _rows(plan, spec, lp, mp, res, layers)                        # [Ls, N, d]
+        rows, it = _rows(plan, spec, lp, mp, res, layers, w_layer)              # [Ls, N, d]
         W, bias = decoder.unembedding(spec, mp)
         cdt = jnp.dtype(plan.lens_matmul)
         ce, H = vocab_parallel_ce(jnp.swapaxes(rows, 0, 1), teacher, W.astype(cdt), bias,
