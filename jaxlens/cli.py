@@ -82,12 +82,17 @@ def _cmd_probe(args) -> int:
 
 
 def _cmd_fit_prism(args) -> int:
+    from jaxlens import distributed as DI
+
+    info = DI.init_from_args(args)                 # before anything touches a JAX backend
     from train_tuned.prism import fit_prism
 
     res = fit_prism(args.model, args.out, data=args.data, k=args.k, layers=args.layers, tokens=args.tokens,
                     reservoir=args.reservoir, reference_quirks=args.reference_quirks, seq_len=args.seq_len,
                     batch_seqs=args.batch, mesh=args.mesh, dtype=args.dtype, text_field=args.text_field,
                     force=args.force, progress=not args.quiet, log=(lambda msg: None) if args.quiet else None)
+    if not info.is_coordinator:                    # every process fitted the same Prism; process 0 wrote it
+        return 0
     p, t = res.provenance, res.timings
     rate = f"{t['rows_per_s']:,.0f} rows/s" if t.get("rows_per_s") else "-"
     print(f"Prism ({p['jaxlens']['recipe']} recipe): k {p['k']}, layers {p['layers']}, {p['tokens_seen']} rows, "
@@ -98,14 +103,27 @@ def _cmd_fit_prism(args) -> int:
 
 
 def _cmd_train_lens(args) -> int:
+    from jaxlens.errors import JaxlensError
+
+    if args.plan_only:
+        return _train_lens_plan(args)
+    missing = [f for f, v in (("--data", args.data), ("--out", args.out)) if not v]
+    if missing:
+        raise JaxlensError(f"train-lens needs {' and '.join(missing)} (or --plan-only)")
     from train_tuned.train import train_lens
 
     res = train_lens(args.model, args.data, args.out, steps=args.steps, recipe=args.recipe, stop_at=args.stop_at,
                      resume=args.resume, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
-                     micro_batch=args.micro_batch, devices=args.devices, checkpoint_every=args.checkpoint_every,
+                     micro_batch=args.micro_batch, devices=args.devices, mesh=args.mesh,
+                     coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                     distributed_auto=args.distributed == "auto", checkpoint_every=args.checkpoint_every,
                      seed=args.seed, dtype=args.dtype, text_field=args.text_field, lens_matmul=args.lens_matmul,
                      progress=not args.quiet,
                      log=None if not args.quiet else (lambda msg: None))
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     fl = res.card["final_losses"]
     kl = fl.get("kl_nats_mean_last") or []
     layers = fl.get("layers") or []
@@ -117,21 +135,70 @@ def _cmd_train_lens(args) -> int:
     return 0
 
 
+def _train_lens_plan(args) -> int:
+    """--plan-only: per-device memory of the step on the mesh (abstract parameters; nothing allocated)."""
+    import json as _json
+
+    from jaxlens.distributed import parse_mesh
+    from jaxlens.errors import JaxlensError
+
+    sizes = parse_mesh(args.mesh)
+    if args.fake_devices:
+        if sizes is None or -1 in sizes.values():
+            raise JaxlensError("--fake-devices needs a --mesh with explicit sizes (no -1)")
+        n = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    import jax
+
+    if sizes is not None and -1 not in sizes.values():
+        need = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+        if need != len(jax.devices()):
+            raise JaxlensError(f"--mesh needs {need} devices and this machine has {len(jax.devices())} "
+                               f"{jax.default_backend()} device(s); add --fake-devices to plan on {need} fake CPU "
+                               "devices")
+    from train_tuned.memory import format_plan, plan_memory
+
+    r = plan_memory(args.model, recipe=args.recipe, mesh=args.mesh, devices=args.devices, dtype=args.dtype,
+                    steps=args.steps, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
+                    micro_batch=args.micro_batch, lens_matmul=args.lens_matmul)
+    print(format_plan(r))
+    if args.out:
+        from jaxlens.writers import write_json
+
+        path = args.out if args.out.endswith(".json") else os.path.join(args.out, "plan.json")
+        write_json(path, r)
+        print(path)
+    elif args.json:
+        print(_json.dumps(r, indent=2))
+    return 0
+
+
 def _cmd_eval_lens(args) -> int:
+    from jaxlens import distributed as DI
+
+    info = DI.init_from_args(args)                 # before anything touches a JAX backend
     from train_tuned.evaluate import default_out, evaluate_lens, format_table
 
     from jaxlens.models.loader import load_model
     from jaxlens.lens.tuned import load_lens
     from jaxlens.writers import write_json
 
-    model = load_model(args.model, dtype=args.dtype)
+    mesh = DI.mesh_from_spec(args.mesh) if args.mesh else None
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     lens = load_lens(args.lens, model=model)
     res = evaluate_lens(model, lens, args.data, seq_len=args.seq_len, max_tokens=args.tokens,
-                        batch_seqs=args.batch, text_field=args.text_field, progress=not args.quiet)
+                        batch_seqs=args.batch, text_field=args.text_field, progress=not args.quiet, mesh=mesh)
     out = args.out or default_out(args.lens, args.data)
-    write_json(out, res)
-    print(format_table(res))
-    print(out)
+    if info.is_coordinator:                        # every process has the same result; one writes it
+        write_json(out, res)
+        print(format_table(res))
+        print(out)
+    DI.barrier("eval-lens done")
     return 0
 
 
@@ -168,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_forward)
     t = sub.add_parser("train-lens", help="train a tuned lens with optax (orbax checkpoints, exact resume)")
     t.add_argument("--model", default="demo", help="'demo' (default), a local HF directory, or a hub id")
-    t.add_argument("--data", required=True, help="a text file (paragraphs = documents), a .jsonl file, "
-                   "or hf:NAME[:CONFIG][@SPLIT]")
-    t.add_argument("--out", required=True, metavar="LENS_DIR", help="lens + checkpoint directory")
+    t.add_argument("--data", default=None, help="a text file (paragraphs = documents), a .jsonl file, "
+                   "or hf:NAME[:CONFIG][@SPLIT] (required unless --plan-only)")
+    t.add_argument("--out", default=None, metavar="LENS_DIR", help="lens + checkpoint directory (required unless "
+                   "--plan-only; with it, where to write plan.json)")
     t.add_argument("--recipe", default="tuned-lens", help="'tuned-lens' (default), 'reference', or a recipe .toml")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps of the whole schedule (default: recipe)")
     t.add_argument("--stop-at", type=int, default=None, metavar="K", help="stop cleanly after step K")
@@ -179,7 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per optimizer step (default: the recipe's, scaled to the model on a CPU)")
     t.add_argument("--seq-len", type=int, default=None, help="sequence length (default: recipe, capped by the model)")
     t.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-batch")
-    t.add_argument("--devices", type=int, default=1, help="data-parallel devices (0 = all)")
+    t.add_argument("--devices", type=int, default=1, help="data-parallel devices (0 = all) when no --mesh is given")
+    from jaxlens.distributed import add_cli_flags
+
+    add_cli_flags(t, mesh_help="shard the run: the frozen model by the logical-axis rules, the lens and optimizer "
+                               "state over fsdp, sequences over data x fsdp, the vocabulary over tensor (-1 = the rest)")
+    t.add_argument("--plan-only", action="store_true",
+                   help="print the per-device memory of one training step on --mesh (compiled on abstract parameters; "
+                        "nothing allocated; --model may be a config.json) and exit")
+    t.add_argument("--fake-devices", action="store_true",
+                   help="with --plan-only: plan on as many fake CPU devices as the mesh has (size a slice on a laptop)")
+    t.add_argument("--json", action="store_true", help="with --plan-only: also print the plan as JSON")
     t.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval in steps")
     t.add_argument("--seed", type=int, default=None, help="data order / sampling seed (default: recipe)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -200,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    from jaxlens.distributed import add_cli_flags
+
+    add_cli_flags(e, mesh_help="shard the model as loaded (fsdp / tensor) and each batch over data x fsdp; "
+                               "-1 = the remaining devices")
     e.set_defaults(func=_cmd_eval_lens)
     from jaxlens.report.cli import add_parser as add_report_parser
 
@@ -221,11 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "statistics, Q in its transposed orientation, the last position of 10 prompts cycled")
     fp.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default min(512, model))")
     fp.add_argument("--batch", type=int, default=None, help="sequences per forward (default ~4096 tokens)")
-    fp.add_argument("--mesh", default=None, help="data=N,fsdp=N,tensor=N: shard the model, rows data-parallel")
     fp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     fp.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     fp.add_argument("--force", action="store_true", help="replace a Prism already in DIR")
     fp.add_argument("--quiet", action="store_true", help="no progress output")
+    add_cli_flags(fp, mesh_help="shard the model as loaded (fsdp / tensor) and the rows' sequences over "
+                                "data x fsdp; -1 = the remaining devices")
     fp.set_defaults(func=_cmd_fit_prism)
     from jaxlens.bench import add_parser as add_bench_parser
 
