@@ -1,8 +1,8 @@
 """Checkpoint readers: one interface (names, shapes, read one tensor) over every HF weights format.
 
 * ``model.safetensors`` and sharded ``model.safetensors.index.json``: the header is parsed here and each
-  tensor is read only when asked for, so a truncated file is caught up front and host memory holds one
-  tensor at a time.
+  tensor is read only when asked for, so a truncated file is caught up front; ``fill`` reads a tensor
+  straight into the parameter being built (or in ~4 MB pieces where it is cast or transposed on the way).
 * ``pytorch_model.bin`` (and its sharded index): ``torch.load(mmap=True, weights_only=True)``; needs the
   ``torch`` extra.
 * ``flax_model.msgpack``: HF's Flax layout (``kernel`` = transposed Linear weight, ``embedding``,
@@ -34,15 +34,26 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class TensorSource:
-    """Names and shapes of every tensor in a checkpoint, and lazy access to each one."""
+    """Names and shapes of every tensor in a checkpoint, and lazy access to each one.
 
-    def __init__(self, shapes: dict[str, tuple], getter, description: str):
+    ``get(key)`` returns the tensor; ``fill(key, out)`` writes it into ``out`` (the tensor's shape, any
+    dtype, any strides: a view of the parameter being built), casting as ``out[...] = get(key)`` would.
+    Formats that can stream a tensor in pieces pass a ``fill`` that never holds a whole copy of it."""
+
+    def __init__(self, shapes: dict[str, tuple], getter, description: str, fill=None):
         self.shapes = shapes
         self._get = getter
+        self._fill = fill
         self.description = description
 
     def get(self, key: str) -> np.ndarray:
         return self._get(key)
+
+    def fill(self, key: str, out: np.ndarray) -> None:
+        if self._fill is not None:
+            self._fill(key, out)
+        else:
+            out[...] = self._get(key)
 
 
 def _safetensors_file(path: str):
@@ -66,7 +77,7 @@ def _safetensors_file(path: str):
     if start + need > size:
         raise JaxlensError(f"{name} is truncated: its tensors need {start + need} bytes but the file "
                            f"has {size}")
-    shapes, getters = {}, {}
+    shapes, getters, fillers = {}, {}, {}
     for key, meta in header.items():
         dt = _ST_DTYPES.get(meta["dtype"])
         if dt is None:
@@ -81,8 +92,28 @@ def _safetensors_file(path: str):
                 buf = np.frombuffer(fh.read(b - a), dtype=np.uint8)
             return buf.view(dt).reshape(shape)
 
+        def fill(out, a=a, b=b, dt=np.dtype(dt), shape=tuple(meta["shape"])):
+            with open(path, "rb") as fh:
+                fh.seek(start + a)
+                if out.dtype == dt and out.flags.c_contiguous:          # straight into the parameter
+                    if fh.readinto(out.reshape(-1).view(np.uint8)) != b - a:
+                        raise JaxlensError(f"{name} changed or was truncated while open")
+                    return
+                if not shape:
+                    out[...] = np.frombuffer(fh.read(b - a), dt).reshape(shape)
+                    return
+                row = (b - a) // max(1, shape[0])
+                step = max(1, (1 << 22) // max(1, row))                 # ~4 MB of the file per read
+                for i in range(0, shape[0], step):
+                    j = min(shape[0], i + step)
+                    buf = fh.read((j - i) * row)
+                    if len(buf) != (j - i) * row:
+                        raise JaxlensError(f"{name} changed or was truncated while open")
+                    out[i:j] = np.frombuffer(buf, dt).reshape((j - i,) + shape[1:])
+
         getters[key] = get
-    return shapes, getters
+        fillers[key] = fill
+    return shapes, getters, fillers
 
 
 def _torch_file(path: str):
@@ -102,7 +133,7 @@ def _torch_file(path: str):
             return t.view(torch.int16).numpy().view(_BF16)
         return t.numpy()
 
-    return {k: tuple(v.shape) for k, v in sd.items()}, {k: (lambda k=k: get(k)) for k in sd}
+    return {k: tuple(v.shape) for k, v in sd.items()}, {k: (lambda k=k: get(k)) for k in sd}, {}
 
 
 def _flax_file(path: str):
@@ -129,7 +160,7 @@ def _flax_file(path: str):
         flat[".".join(parts[:-1] + [leaf])] = arr
 
     walk(tree, [])
-    return {k: v.shape for k, v in flat.items()}, {k: (lambda v=v: v) for k, v in flat.items()}
+    return {k: v.shape for k, v in flat.items()}, {k: (lambda v=v: v) for k, v in flat.items()}, {}
 
 
 def open_checkpoint(directory: str) -> TensorSource:
@@ -146,29 +177,38 @@ def open_checkpoint(directory: str) -> TensorSource:
         except (json.JSONDecodeError, KeyError) as e:
             raise JaxlensError(f"{chosen} is not a valid index file ({e.__class__.__name__})")
         reader = _safetensors_file if chosen.startswith("model.safetensors") else _torch_file
-        shapes, getters = {}, {}
+        shapes, getters, fillers = {}, {}, {}
         for shard in sorted(set(wmap.values())):
             sp = os.path.join(directory, shard)
             if not os.path.exists(sp):
                 raise JaxlensError(f"{chosen} lists shard {shard}, which is missing from {directory}")
-            s, g = reader(sp)
+            s, g, fl = reader(sp)
             for k in s:
                 if wmap.get(k) == shard:
                     shapes[k], getters[k] = s[k], g[k]
+                    if k in fl:
+                        fillers[k] = fl[k]
         missing = [k for k, shard in wmap.items() if k not in shapes]
         if missing:
             raise JaxlensError(f"{chosen} lists tensor {missing[0]} but its shard does not contain it")
         desc = f"{chosen} ({len(set(wmap.values()))} shards)"
     elif chosen == "model.safetensors":
-        shapes, getters = _safetensors_file(path)
+        shapes, getters, fillers = _safetensors_file(path)
         desc = chosen
     elif chosen == "pytorch_model.bin":
-        shapes, getters = _torch_file(path)
+        shapes, getters, fillers = _torch_file(path)
         desc = chosen
     else:
-        shapes, getters = _flax_file(path)
+        shapes, getters, fillers = _flax_file(path)
         desc = chosen
-    return TensorSource(shapes, lambda k: getters[k](), desc)
+
+    def fill(k, out):
+        if k in fillers:
+            fillers[k](out)
+        else:
+            out[...] = getters[k]()
+
+    return TensorSource(shapes, lambda k: getters[k](), desc, fill=fill)
 
 
 def file_sha256(path: str) -> str:

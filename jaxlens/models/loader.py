@@ -1,9 +1,10 @@
 """``jaxlens.load_model``: a HF checkpoint (local directory, hub id, or ``demo``) -> a :class:`Model`.
 
 Loading is streamed: the conversion plan is checked against tensor *shapes* first (every problem reported
-together), then each jaxlens parameter is assembled from its HF tensors on the host, cast, placed on its
-device / sharding, and released before the next one is read. Peak host memory is about one copy of the
-weights plus the largest stacked parameter.
+together), then each jaxlens parameter is written from its HF tensors straight into one host buffer of its
+final dtype, placed on its device / sharding, and released before the next one is read. Peak host memory is
+about one copy of the parameters (on the CPU backend the placed buffer *is* the parameter) plus the format
+reader's read / dequantisation blocks (a few MB); ``benchmarks/load_memory.py`` measures it.
 """
 from __future__ import annotations
 
@@ -164,39 +165,67 @@ class Model:
                 f"{jnp.dtype(self.dtype).name})")
 
 
+def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary. The CPU backend
+    adopts such a buffer on ``jax.device_put`` instead of copying it (an unaligned one is copied)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _source_view(target: np.ndarray, ops) -> np.ndarray | None:
+    """A view ``v`` of ``target`` in the checkpoint tensor's layout, such that writing a tensor ``x`` into ``v``
+    writes ``convert.apply_ops(x, ops)`` into ``target``; None where ``ops`` is not a pure relabelling
+    (slices of fused tensors) or would need a copy."""
+    v = target
+    for op in reversed(ops):
+        if op == "T":
+            v = v.T
+        elif isinstance(op, str) and op.startswith("out:"):
+            v = v.reshape(v.shape[:-2] + (-1,))
+        elif isinstance(op, str) and op.startswith("in:"):
+            v = v.reshape((-1,) + v.shape[2:])
+        else:
+            return None
+        if not np.may_share_memory(v, target):      # reshape fell back to a copy
+            return None
+    return v
+
+
 def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
     """Stream-convert a checkpoint (a HF directory, or an opened :class:`~jaxlens.models.checkpoint.TensorSource`)
-    into the jaxlens parameter tree, one source tensor at a time."""
+    into the jaxlens parameter tree.
+
+    Each parameter gets one host buffer of its final dtype and shape (64-byte aligned), which every source
+    tensor is written into directly (``TensorSource.fill``, through a transposed / reshaped view of its slot);
+    only slices of fused tensors go through a converted copy. The buffer is then placed: on the CPU backend
+    without a mesh ``device_put`` adopts it, so the loaded parameters are the only copy; on an accelerator
+    or a mesh it is copied to the devices and freed before the next parameter is read."""
     src = open_checkpoint(directory) if isinstance(directory, (str, os.PathLike)) else directory
     layout = convert.flatten(decoder.param_layout(spec), "")  # dotted path -> (shape, axes)
     # flatten() stops at tuples, so layout values are (shape, axes) pairs
     expected = {k: tuple(v[0]) for k, v in layout.items()}
     assign = convert.plan(spec, src.shapes, expected)
     out = {}
-    cache_key, cache_val = None, None
     for path, (shape, axes) in layout.items():
         sharding = sharding_for(shape, axes, mesh) if mesh is not None else None
-        items = assign[path]
-        if len(items) == 1 and items[0][0] is None:     # one source tensor, no stacking: no staging buffer
-            _, key, ops = items[0]
-            if key != cache_key:
+        host = _aligned_empty(tuple(shape), jnp.dtype(dtype))
+        cache_key, cache_val = None, None
+        for layer, key, ops in assign[path]:
+            target = host if layer is None else host[layer]
+            view = _source_view(target, ops)
+            if view is not None and view.shape == tuple(src.shapes[key]):
+                src.fill(key, view)
+                continue
+            if key != cache_key:                       # fused tensors: read whole, slice, copy in
                 cache_key, cache_val = key, src.get(key)
-            host = np.ascontiguousarray(convert.apply_ops(cache_val, ops, spec), dtype=jnp.dtype(dtype))
-            out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
-            del host
-            cache_key = cache_val = None                  # embeddings / heads are the largest tensors
-            continue
-        host = np.empty(shape, dtype=jnp.dtype(dtype))
-        for layer, key, ops in items:
-            if key != cache_key:
-                cache_key, cache_val = key, src.get(key)
-            val = convert.apply_ops(cache_val, ops, spec)
-            if layer is None:
-                host[...] = val
-            else:
-                host[layer] = val
-        out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
-        del host
+            target[...] = convert.apply_ops(cache_val, ops, spec)
+        del cache_val
+        arr = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        out[path] = jax.block_until_ready(arr)        # host freed (or adopted) before the next parameter
+        del host, arr
     return convert.unflatten(out)
 
 
