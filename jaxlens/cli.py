@@ -118,7 +118,7 @@ def _cmd_train_lens(args) -> int:
                      coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
                      distributed_auto=args.distributed == "auto", checkpoint_every=args.checkpoint_every,
                      seed=args.seed, dtype=args.dtype, text_field=args.text_field, lens_matmul=args.lens_matmul,
-                     progress=not args.quiet,
+                     layer_groups=args.layer_groups, progress=not args.quiet,
                      log=None if not args.quiet else (lambda msg: None))
     import jax
 
@@ -165,7 +165,7 @@ def _train_lens_plan(args) -> int:
 
     r = plan_memory(args.model, recipe=args.recipe, mesh=args.mesh, devices=args.devices, dtype=args.dtype,
                     steps=args.steps, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
-                    micro_batch=args.micro_batch, lens_matmul=args.lens_matmul)
+                    micro_batch=args.micro_batch, lens_matmul=args.lens_matmul, layer_groups=args.layer_groups)
     print(format_plan(r))
     if args.out:
         from jaxlens.writers import write_json
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per optimizer step (default: the recipe's, scaled to the model on a CPU)")
     t.add_argument("--seq-len", type=int, default=None, help="sequence length (default: recipe, capped by the model)")
     t.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-batch")
+    t.add_argument("--layer-groups", type=int, default=None, metavar="G",
+                   help="score the trained layers in G groups per micro-batch (divides the layers per step; less "
+                        "memory, the same gradient up to rounding; default: the recipe's objective.layer_groups, else the "
+                        "fewest groups of at most 16 layers)")
     t.add_argument("--devices", type=int, default=1, help="data-parallel devices (0 = all) when no --mesh is given")
     from jaxlens.distributed import add_cli_flags
 

@@ -8,6 +8,7 @@
   checkpoint's micro-batches is refused with a sentence;
 * two processes x 4 devices (gloo, coordinator on 127.0.0.1) equal one process, and kill -9 of one process +
   ``--resume`` on both ends with exactly the uninterrupted two-process lens;
+* ``--layer-groups`` (layers scored a group at a time) gives the same lens;
 * ``--plan-only`` reports per-device memory from abstract parameters (Llama-3-8B shape).
 """
 from __future__ import annotations
@@ -131,6 +132,21 @@ def test_reference_recipe_on_mesh_gives_one_device_losses(setup, tmp_path):
     assert _rel(r8.card["loss_curve"], r1.card["loss_curve"]) <= 1e-5
     for h, h1 in zip(r8.history, r1.history):
         assert _rel(h["kl"], h1["kl"]) <= 1e-5
+
+
+def test_layer_groups_give_the_same_lens(setup, one_device, tmp_path):
+    """Scoring the 3 translators in 3 groups (one differentiated at a time) = all at once; a non-divisor is refused."""
+    from jaxlens.errors import JaxlensError
+    from train_tuned.train import train_lens
+
+    assert one_device.card["recipe"]["plan"]["layer_groups"] == 1          # auto: 3 layers fit in one group
+    r = train_lens(setup["model"], setup["train"], str(tmp_path / "g3"), steps=3, devices=1, checkpoint_every=3,
+                   layer_groups=3, **KW)
+    assert r.card["recipe"]["plan"]["layer_groups"] == 3
+    assert _rel(r.card["loss_curve"], one_device.card["loss_curve"]) <= 1e-6
+    assert max(_lens_rel(r, one_device).values()) <= 1e-6
+    with pytest.raises(JaxlensError, match="must divide the 3 layers"):
+        train_lens(setup["model"], setup["train"], str(tmp_path / "g2"), steps=1, layer_groups=2, **KW)
 
 
 def test_state_is_split_per_device(setup):

@@ -109,7 +109,7 @@ def _with(tree, shardings):
 
 def plan_memory(model_source, *, recipe: str = "tuned-lens", mesh=None, devices: int = 1, dtype: str = "float32",
                 steps=None, tokens_per_step=None, seq_len=None, micro_batch=None, chunk=None,
-                lens_matmul: str | None = None) -> dict:
+                lens_matmul: str | None = None, layer_groups: int | None = None) -> dict:
     """Compile one training step on abstract inputs and report its per-device memory (module docstring).
 
     ``model_source``: a config.json, model directory, .gguf, packaged name or hub id (or an object with
@@ -122,7 +122,7 @@ def plan_memory(model_source, *, recipe: str = "tuned-lens", mesh=None, devices:
     shards = _batch_shards(mesh)
     plan = make_plan(model, rec, steps=steps, tokens_per_step=tokens_per_step or int(rec["schedule"]["tokens_per_step"]),
                      seq_len=seq_len, micro_batch=micro_batch, devices=shards, chunk=chunk, lens_matmul=lens_matmul,
-                     mesh_shape=dict(mesh.shape))
+                     mesh_shape=dict(mesh.shape), layer_groups=layer_groups)
     optimizer = make_optimizer(plan)
     abs_lp = jax.eval_shape(lambda: init_lens_params(plan, jax.random.key(0)))
     lp_sh = lens_shardings(abs_lp, mesh)
@@ -159,7 +159,7 @@ def plan_memory(model_source, *, recipe: str = "tuned-lens", mesh=None, devices:
         "plan": {"recipe": plan.recipe, "family": plan.family, "seq_len": T, "tokens_per_step": plan.tokens_per_step,
                  "micro_batches": M, "micro_batch_seqs": B, "sequences_per_device_per_micro_batch": B // shards,
                  "layers_per_step": plan.layers_per_step, "rank": plan.rank, "lens_matmul": plan.lens_matmul,
-                 "chunk": plan.chunk},
+                 "chunk": plan.chunk, "layer_groups": plan.layer_groups},
         "per_device_bytes": {"model_params": model_dev, "lens_params": lens_dev, "optimizer_state": opt_dev,
                              "token_ids": ids_dev, "arguments": arg, "outputs": out, "aliased": alias,
                              "temporaries": temp, "peak_estimate": arg + out + temp - alias},
@@ -178,7 +178,8 @@ def format_plan(r: dict) -> str:
         f"{m['dtype']}) on mesh {mesh} ({r['devices']} {r['backend']} devices, {r['device_kind']})",
         f"  {pl['recipe']} recipe: {pl['tokens_per_step']} tokens per step = {pl['micro_batches']} micro-batches x "
         f"{pl['micro_batch_seqs']} sequences x {pl['seq_len']} ({pl['sequences_per_device_per_micro_batch']} per "
-        f"device), lens GEMMs in {pl['lens_matmul']}",
+        f"device), {pl['layer_groups']} layer group(s) of {pl['layers_per_step'] // pl['layer_groups']}, lens GEMMs in "
+        f"{pl['lens_matmul']}",
         f"  {'':24s}{'per device':>13s}{'whole':>15s}",
     ]
     for key, label in (("model_params", "frozen model"), ("lens_params", "lens"), ("optimizer_state", "optimizer state")):

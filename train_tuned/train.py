@@ -49,6 +49,7 @@ RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 CKPT_DIR = "checkpoints"
 RUN_FILE = "run_config.json"
 HISTORY_TAIL = 20
+AUTO_GROUP_LAYERS = 16         # layer_groups = "auto": the fewest groups of at most this many layers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class Plan:
     lens_matmul: str = "float32"   # operand dtype of the vocabulary GEMMs (fp32 accumulation, fp32 statistics)
     base: str = "norm"             # reference family: the normaliser under the translators ("norm" | "logit")
     mesh: dict | None = None       # {"data": .., "fsdp": .., "tensor": ..} of the run (not part of the math)
+    layer_groups: int = 1          # trained layers scored in this many groups per micro-batch (memory)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,7 +136,8 @@ def _block_params(spec) -> int:
 
 def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=None, micro_batch=None,
               devices: int = 1, seed=None, chunk=None, tokenizer_max: int | None = None,
-              lens_matmul: str | None = None, batching: dict | None = None, mesh_shape: dict | None = None) -> Plan:
+              lens_matmul: str | None = None, batching: dict | None = None, mesh_shape: dict | None = None,
+              layer_groups: int | None = None) -> Plan:
     """Every number of a run (:class:`Plan`). ``devices``: the batch shards (data x fsdp of the mesh).
     ``batching``: a checkpointed plan's ``seqs_per_step`` / ``micro_batches`` / ``micro_batch_seqs`` to keep
     (a resume on another mesh runs the same micro-batches)."""
@@ -232,6 +235,15 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
     if opt.get("name") == "sgd":
         opt["lr"] = float(opt.get("lr_scale", 1.0)) * (1.0 - float(opt.get("momentum", 0.9)))
         opt["lr_convention"] = "lr = lr_scale * (1 - momentum) (tuned-lens package)"
+    groups = layer_groups or ob.get("layer_groups", "auto")
+    if groups == "auto":            # groups of at most 16 layers: the live rows of a micro-batch stay bounded
+        groups = next(g for g in range(1, layers_per_step + 1) if layers_per_step % g == 0
+                      and layers_per_step // g <= AUTO_GROUP_LAYERS)
+    groups = int(groups)
+    if groups < 1 or layers_per_step % groups:
+        divs = [g for g in range(1, layers_per_step + 1) if layers_per_step % g == 0]
+        raise JaxlensError(f"--layer-groups {groups} must divide the {layers_per_step} layers scored per step "
+                           f"(one of {', '.join(map(str, divs))})")
     base = str(tr.get("base", "norm"))
     if base not in ("norm", "logit") or (family == "tuned-lens" and base != "norm"):
         raise JaxlensError(f"recipe {recipe['name']}: translator base {base!r} is not supported (the reference family "
@@ -248,7 +260,7 @@ def make_plan(model, recipe: dict, *, steps=None, tokens_per_step=None, seq_len=
         seed=int(seed) if seed is not None else int(recipe["data"].get("seed", 0)),
         chunk=int(chunk) if chunk else min(DEFAULT_CHUNK, V), flops_per_token=fpt,
         lens_rows_per_token=rows_per_token, lens_matmul=lm, base=base,
-        mesh=None if mesh_shape is None else {k: int(v) for k, v in mesh_shape.items()})
+        mesh=None if mesh_shape is None else {k: int(v) for k, v in mesh_shape.items()}, layer_groups=groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,8 +458,14 @@ def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_shardi
         w_layer = NamedSharding(mesh, P(*lp_sharding["W"].spec[1:]))
     constrain = jax.lax.with_sharding_constraint
 
-    def micro_loss(lp, mp, ids, layers, pos):
-        """Data loss of one micro-batch (all its sequences), normalised by the step's token count."""
+    ng = plan.layer_groups
+    G = Ls // ng
+
+    def micro_grads(lp, mp, ids, layers, pos):
+        """Data loss, statistics and lens gradient of one micro-batch (all its sequences), normalised by the
+        step's token count. The frozen forward runs once; the trained layers' rows are then scored in
+        ``layer_groups`` groups (a scan), each differentiated on its own, so only one group's
+        [layers x tokens x d] rows and Jacobian rows are live at a time."""
         fw = decoder.apply(spec, mp, ids, act_sharding=act_sh)
         res_all = jax.lax.stop_gradient(fw.residuals)                           # [n+1, b, T, d]
         if plan.positions == "sampled":
@@ -460,26 +478,48 @@ def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_shardi
         else:
             res = jnp.take(res_all, layers, axis=0).reshape(Ls, N, -1)
         res = constrain(res, rows_sh)
-        rows, it = _rows(plan, spec, lp, mp, res, layers, w_layer)              # [Ls, N, d]
         W, bias = decoder.unembedding(spec, mp)
         cdt = jnp.dtype(plan.lens_matmul)
-        ce, H = vocab_parallel_ce(jnp.swapaxes(rows, 0, 1), teacher, W.astype(cdt), bias,
-                                  None if it is None else it, mesh=mesh, softcap=spec.final_softcap,
-                                  chunk=plan.chunk, compute_dtype=cdt)
-        kl = ce - H[:, None]                                                     # [N, Ls]
-        obj = kl if plan.loss == "kl" else ce
-        loss = jnp.sum(obj) / (n_tok_micro * layer_div * M)
-        slot = layers - first
-        kl_sum = jnp.zeros((nt,), F32).at[slot].add(jnp.sum(kl, axis=0))
-        ce_sum = jnp.zeros((nt,), F32).at[slot].add(jnp.sum(ce, axis=0))
-        cnt = jnp.zeros((nt,), F32).at[slot].add(jnp.float32(kl.shape[0]))
-        return loss, (kl_sum, ce_sum, cnt, jnp.sum(H))
+        Wc = W.astype(cdt)
+
+        def group_loss(lp, gi, res_g, lay_g):
+            lpg = lp
+            if ng > 1 and plan.family == "tuned-lens":                          # this group's translators
+                lpg = {k: jax.lax.dynamic_slice_in_dim(v, gi * G, G, 0) for k, v in lp.items()}
+            rows, it = _rows(plan, spec, lpg, mp, res_g, lay_g, w_layer)         # [G, N, d]
+            ce, H = vocab_parallel_ce(jnp.swapaxes(rows, 0, 1), teacher, Wc, bias, it, mesh=mesh,
+                                      softcap=spec.final_softcap, chunk=plan.chunk, compute_dtype=cdt)
+            kl = ce - H[:, None]                                                 # [N, G]
+            obj = kl if plan.loss == "kl" else ce
+            loss = jnp.sum(obj) / (n_tok_micro * layer_div * M)
+            slot = lay_g - first
+            kl_sum = jnp.zeros((nt,), F32).at[slot].add(jnp.sum(kl, axis=0))
+            ce_sum = jnp.zeros((nt,), F32).at[slot].add(jnp.sum(ce, axis=0))
+            cnt = jnp.zeros((nt,), F32).at[slot].add(jnp.float32(kl.shape[0]))
+            return loss, (kl_sum, ce_sum, cnt, jnp.where(gi == 0, jnp.sum(H), 0.0))
+
+        vg = jax.value_and_grad(group_loss, has_aux=True)
+        if ng == 1:
+            (loss, stats), g = vg(lp, jnp.int32(0), res, layers)
+            return loss, stats, constrain(g, lp_sharding)
+
+        def body(acc, inp):
+            gi, res_g, lay_g = inp
+            (loss, stats), g = vg(lp, gi, res_g, lay_g)
+            gsum, lsum, st = acc
+            return (constrain(jax.tree.map(jnp.add, gsum, g), lp_sharding), lsum + loss,
+                    tuple(a + s_ for a, s_ in zip(st, stats))), None
+
+        z = jnp.zeros((nt,), F32)
+        acc0 = (constrain(jax.tree.map(jnp.zeros_like, lp), lp_sharding), jnp.float32(0), (z, z, z, jnp.float32(0)))
+        (g, loss, stats), _ = jax.lax.scan(body, acc0, (jnp.arange(ng, dtype=jnp.int32),
+                                                         res.reshape((ng, G) + res.shape[1:]), layers.reshape(ng, G)))
+        return loss, stats, g
 
     def data_grads(lp, mp, ids, layers, pos):
         def body(acc, inp):
             ids_m, lay_m, pos_m = inp
-            (loss, stats), g = jax.value_and_grad(micro_loss, has_aux=True)(lp, mp, ids_m, lay_m, pos_m)
-            g = constrain(g, lp_sharding)
+            loss, stats, g = micro_grads(lp, mp, ids_m, lay_m, pos_m)
             gsum, lsum, kls, ces, cnts, hs = acc
             return (jax.tree.map(jnp.add, gsum, g), lsum + loss, kls + stats[0], ces + stats[1],
                     cnts + stats[2], hs + stats[3]), None
@@ -663,7 +703,7 @@ def _losses_summary(plan: Plan, first: dict | None, history: list) -> dict:
 
 
 # the plan keys that may differ on resume: where the run executes, not what it computes
-_RESUME_FREE = ("plan.devices", "plan.mesh")
+_RESUME_FREE = ("plan.devices", "plan.mesh", "plan.layer_groups")
 
 
 def _to_host(tree):
@@ -716,7 +756,7 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
                resume: bool = False, tokens_per_step=None, seq_len=None, micro_batch=None, devices: int = 1,
                mesh=None, coordinator=None, num_processes=None, process_id=None, distributed_auto: bool = False,
                checkpoint_every=None, seed=None, dtype: str = "float32", text_field: str = "text", chunk=None,
-               lens_matmul: str | None = None, progress: bool = True,
+               lens_matmul: str | None = None, layer_groups: int | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or resume) a tuned lens; see the module docstring. ``model_source`` is a source string or a Model.
 
@@ -725,6 +765,8 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
     ``devices`` data-parallel devices. ``coordinator`` / ``num_processes`` / ``process_id`` (or
     ``distributed_auto``): join a ``jax.distributed`` job first (every process runs this with the same
     arguments; each feeds its own sequences; checkpoints are written by all, the lens by process 0).
+    ``layer_groups``: score the trained layers in this many groups per micro-batch (less memory; a resume
+    may change it).
     """
     from jaxlens import distributed as DI
     from jaxlens.models.loader import load_model
@@ -760,7 +802,8 @@ def train_lens(model_source, data: str, out: str, *, steps=None, recipe: str = "
                                f"{sp['micro_batch_seqs']}")
     plan = make_plan(model, rec, steps=steps, tokens_per_step=tokens_per_step, seq_len=seq_len,
                      micro_batch=None if batching else micro_batch, devices=shards, seed=seed, chunk=chunk,
-                     tokenizer_max=tok_max, lens_matmul=lens_matmul, batching=batching, mesh_shape=dict(mesh.shape))
+                     tokenizer_max=tok_max, lens_matmul=lens_matmul, batching=batching, mesh_shape=dict(mesh.shape),
+                     layer_groups=layer_groups)
     if plan.steps < 1:
         raise JaxlensError("--steps must be at least 1")
     src = data_mod.open_source(data, tok, plan.seq_len, join_eos=bool(rec["data"].get("join_eos", True)),
