@@ -1,4 +1,4 @@
-"""GGUF checkpoints (llama.cpp's single-file format), read with the ``gguf`` package (llama.cpp's own reader).
+"""GGUF checkpoints (llama.cpp's single-file format), dequantised by the ``gguf`` package (llama.cpp's own).
 
 A GGUF file carries no ``config.json`` and no tokenizer files: its metadata is both. This module turns one
 into what the rest of jaxlens reads from a Hugging Face directory, following transformers' GGUF integration
@@ -8,11 +8,18 @@ parity against it (``tests/test_gguf.py``, ``tests/test_real_models.py``):
 * **config**: the metadata keys of :data:`CONFIG_KEYS` (llama.cpp's names) become the HF config fields,
   passed to the transformers config class of the family, so every field the file does not state takes the
   same default transformers gives it. ``to_dict()`` of that config is then read by
-  :func:`jaxlens.models.spec.spec_from_config` like any published config.
+  :func:`jaxlens.models.spec.spec_from_config` like any published config. transformers' config module
+  imports torch (~250 MB resident), so unless this process has imported it already the config is built by
+  a short-lived child interpreter (:func:`hf_config_dict`).
 * **tensors**: :data:`TENSOR_NAMES` maps llama.cpp tensor names onto HF names, so the declarative weight
   tables of :mod:`jaxlens.models.convert` serve GGUF files too. Each tensor is dequantised (every type the
   ``gguf`` package can: F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K- and I-quants) only when the loader asks
-  for it, so host memory holds one dequantised tensor at a time on top of the parameters being built.
+  for it, in row blocks read with plain file reads (no memory map: mapped pages would count against the
+  process), straight into the parameter's final buffer where no conversion step needs the whole tensor.
+* **the file** is parsed here (:class:`_Header`, the layout gguf-py's ``GGUFReader`` reads, its checks and
+  its values): metadata arrays (the vocabulary, merges, scores) are located but decoded only when asked for,
+  so the parsed file is well under 1 MB while the weights load, where ``GGUFReader`` held one numpy view per
+  token (~690 MB for Gemma-3's 262k tokens). ``tests/test_load_memory.py`` compares it with ``GGUFReader``.
 * **what llama.cpp's converter changed** is undone (:data:`UNDO`): the llama-family Q/K row permutation of
   its rotary layout, and Gemma's ``1 + w`` norm gains, which the converter stores with the 1 added.
 * **tokenizer**: built from the metadata by transformers' own GGUF tokenizer builders
@@ -22,8 +29,15 @@ parity against it (``tests/test_gguf.py``, ``tests/test_real_models.py``):
 """
 from __future__ import annotations
 
+import functools
+import io
+import mmap
 import os
+import pickle
 import re
+import struct
+import subprocess
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -112,6 +126,266 @@ def _gguf_module():
     return gguf
 
 
+# ------------------------------------------------------------------------------------------------
+# the file: header, metadata and tensor table (the layout and checks of gguf-py's GGUFReader)
+
+# metadata value types (gguf.GGUFValueType)
+_U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STRING, _ARRAY, _U64, _I64, _F64 = range(13)
+_SCALAR = {_U8: "B", _I8: "b", _U16: "H", _I16: "h", _U32: "I", _I32: "i", _F32: "f", _BOOL: "?",
+           _U64: "Q", _I64: "q", _F64: "d"}
+_LAZY = object()                    # an array value not decoded yet
+# tensor types GGUFReader gives a typed (not byte) view of
+_TYPED = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
+
+
+class _Field:
+    """One metadata value. ``types`` and ``n_items`` are GGUFReader's ``field.types`` and ``len(field.data)``;
+    arrays of scalars or strings stay in the file (``span``) until :meth:`_Header.contents` decodes them."""
+
+    __slots__ = ("types", "value", "n_items", "span")
+
+    def __init__(self, types, value, n_items=1, span=None):
+        self.types, self.value, self.n_items, self.span = types, value, n_items, span
+
+
+class _Tensor:
+    """One tensor-table entry: GGUFReader's ReaderTensor fields, less the data (read on demand)."""
+
+    __slots__ = ("name", "tensor_type", "shape", "n_elements", "n_bytes", "data_offset", "data_dtype",
+                 "data_shape")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class _Cursor:
+    """Little reads from a buffer with GGUFReader's byte order; past the end is a ValueError."""
+
+    def __init__(self, buf, order: str):
+        self.buf, self.order, self.pos, self.end = buf, order, 0, len(buf)
+
+    def take(self, n: int) -> int:
+        p = self.pos
+        if n < 0 or p + n > self.end:
+            raise ValueError("data runs past the end of the file")
+        self.pos = p + n
+        return p
+
+    def scalar(self, code: str):
+        p = self.take(struct.calcsize(code))
+        return struct.unpack_from(self.order + code, self.buf, p)[0]
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        p = self.take(n)
+        return str(self.buf[p:p + n], "utf-8")
+
+    def skip_strings(self, count: int) -> None:
+        unpack, buf, pos = struct.Struct(self.order + "Q").unpack_from, self.buf, self.pos
+        for _ in range(count):
+            pos += 8 + unpack(buf, pos)[0]           # struct.error past the end
+        if pos > self.end:
+            raise ValueError("data runs past the end of the file")
+        self.pos = pos
+
+
+def _decode_array(buf, order: str, etype: int, count: int) -> list:
+    """``count`` values of type ``etype`` from the start of ``buf``, as GGUFReader's ``contents()``."""
+    if etype == _STRING:
+        cur = _Cursor(buf, order)
+        return [cur.string() for _ in range(count)]
+    return np.frombuffer(buf, np.dtype(order + _SCALAR[etype]) if etype != _BOOL else np.bool_,
+                         count).tolist()
+
+
+class _Header:
+    """A GGUF file's metadata and tensor table, parsed from a temporary read-only map of the file (its pages
+    are released when the parse ends). Raises ValueError / struct.error on anything GGUFReader refuses."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if struct.unpack_from("<I", mm, 0)[0] != 0x46554747:
+                raise ValueError("GGUF magic invalid")
+            version = struct.unpack_from("<I", mm, 4)[0]
+            # a version with its low half zero was written with the other byte order (as GGUFReader decides)
+            self.order = ">" if version & 0xFFFF == 0 else "<"
+            cur = _Cursor(mm, self.order)
+            cur.take(4)
+            version = cur.scalar("I")
+            if version not in (2, 3):
+                raise ValueError(f"file appears to be GGUF version {version}, which is not supported")
+            n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+            self.fields: dict[str, _Field] = {
+                "GGUF.version": _Field([_U32], version), "GGUF.tensor_count": _Field([_U64], n_tensors),
+                "GGUF.kv_count": _Field([_U64], n_kv)}
+            for _ in range(n_kv):
+                key = cur.string()
+                if key in self.fields:
+                    raise ValueError(f"duplicate metadata key {key}")
+                self.fields[key] = self._value(cur, cur.scalar("I"))
+            infos = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                n_dims = cur.scalar("I")
+                dims = struct.unpack_from(f"{self.order}{n_dims}Q", mm, cur.take(8 * n_dims))
+                infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
+            align = 32
+            if "general.alignment" in self.fields:
+                fa = self.fields["general.alignment"]
+                if fa.types != [_U32]:
+                    raise ValueError("bad type for general.alignment")
+                align = fa.value
+                if align == 0 or align & (align - 1):
+                    raise ValueError("invalid alignment: must be a non-zero power of two")
+            self.data_offset = cur.pos + (-cur.pos) % align
+        self.tensors = self._tensors(infos)
+
+    def _value(self, cur: _Cursor, vtype: int) -> _Field:
+        if vtype == _STRING:
+            return _Field([_STRING], cur.string())
+        if vtype in _SCALAR:
+            return _Field([vtype], cur.scalar(_SCALAR[vtype]))
+        if vtype != _ARRAY:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        etype, count = cur.scalar("I"), cur.scalar("Q")
+        if etype in _SCALAR or etype == _STRING:
+            start = cur.pos
+            if etype == _STRING:
+                cur.skip_strings(count)
+            else:
+                cur.take(struct.calcsize(_SCALAR[etype]) * count)
+            return _Field([_ARRAY, etype] if count else [_ARRAY], _LAZY, count, (start, cur.pos, etype))
+        if etype != _ARRAY:
+            raise ValueError(f"unknown metadata value type {etype}")
+        # arrays of arrays (llama.cpp writes none): flattened, as GGUFReader's contents() gives them
+        types, values, n = [_ARRAY], [], 0
+        for i in range(count):
+            sub = self._value(cur, etype)
+            if i == 0:
+                types += sub.types
+            if sub.value is _LAZY:
+                a, b, et = sub.span
+                values += _decode_array(cur.buf[a:b], self.order, et, sub.n_items)
+            else:
+                values += sub.value
+            n += sub.n_items
+        return _Field(types, values, n)
+
+    def _tensors(self, infos) -> dict:
+        gguf = _gguf_module()
+        out = {}
+        for name, dims, raw_type, offset in infos:
+            if name in out:
+                raise ValueError(f"duplicated tensor {name}")
+            qtype = gguf.GGMLQuantizationType(raw_type)
+            n_elems = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            data_shape = tuple(int(x) for x in reversed(dims))
+            if qtype.name in _TYPED:
+                dtype = np.dtype(_TYPED[qtype.name])
+            else:
+                dtype = np.dtype(np.uint8)
+                if not data_shape or data_shape[-1] % block:
+                    raise ValueError(f"tensor {name}: row size {data_shape[-1:]} is not a multiple of "
+                                     f"{qtype.name} block size {block}")
+                data_shape = (*data_shape[:-1], data_shape[-1] // block * type_size)
+            out[name] = _Tensor(name=name, tensor_type=qtype, shape=tuple(int(x) for x in dims),
+                                n_elements=n_elems, n_bytes=n_elems * type_size // block,
+                                data_offset=self.data_offset + int(offset),
+                                data_dtype=dtype.newbyteorder(self.order), data_shape=data_shape)
+        return out
+
+    def contents(self, key: str):
+        f = self.fields[key]
+        if f.value is not _LAZY:
+            return f.value
+        a, b, etype = f.span
+        with open(self.path, "rb") as fh:
+            buf = os.pread(fh.fileno(), b - a, a)
+        if len(buf) != b - a:
+            raise JaxlensError(f"{os.path.basename(self.path)} changed or was truncated while open")
+        return _decode_array(buf, self.order, etype, f.n_items)
+
+    def read(self, t: _Tensor, fh, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``t``'s data as GGUFReader's ``t.data`` gives it (or rows ``[r0, r1)`` of it), by one read."""
+        offset, nbytes, shape = t.data_offset, t.n_bytes, t.data_shape
+        if rows is not None:
+            row_bytes = t.n_bytes // t.data_shape[0]
+            offset += rows[0] * row_bytes
+            nbytes = (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0],) + t.data_shape[1:]
+        buf = os.pread(fh.fileno(), nbytes, offset)
+        if len(buf) != nbytes:
+            raise JaxlensError(f"{os.path.basename(self.path)} changed or was truncated while open")
+        return np.frombuffer(buf, t.data_dtype).reshape(shape)
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a config")
+
+
+# the child: transformers only (importing jaxlens would import jax); exit 3 if the dict holds anything but
+# plain values, which the parent could not unpickle without importing their modules
+_CONFIG_CHILD = r"""
+import pickle, sys
+path, model_type, fields = pickle.loads(sys.stdin.buffer.read())
+sys.path[:] = path
+from transformers import AutoConfig
+def plain(x):
+    if isinstance(x, dict):
+        return all(type(k) in (str, int) and plain(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(plain(v) for v in x)
+    return x is None or type(x) in (str, int, float, bool)
+cfg = AutoConfig.for_model(model_type, **fields).to_dict()
+if not plain(cfg):
+    sys.exit(3)
+sys.stdout.buffer.write(pickle.dumps(cfg, protocol=4))
+"""
+_CONFIG_CACHE: dict[bytes, bytes] = {}
+
+
+def config_in_child(model_type: str, fields: dict) -> dict | None:
+    """``AutoConfig.for_model(model_type, **fields).to_dict()`` computed by a child interpreter of this
+    environment (so this process imports neither transformers nor torch); None if that fails."""
+    if not sys.executable:
+        return None
+    try:
+        r = subprocess.run([sys.executable, "-c", _CONFIG_CHILD],
+                           input=pickle.dumps((list(sys.path), model_type, fields), protocol=4),
+                           capture_output=True, timeout=600)
+        if r.returncode != 0:
+            return None
+        return _NoGlobals(io.BytesIO(r.stdout)).load()      # plain values only: nothing is imported
+    except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError):
+        return None
+
+
+def hf_config_dict(model_type: str, fields: dict) -> dict:
+    """``AutoConfig.for_model(model_type, **fields).to_dict()``.
+
+    transformers' config module imports torch, which adds ~250 MB to the resident memory of a process that
+    otherwise never needs it (jaxlens builds GGUF tokenizers without torch). Unless this process has
+    imported that module already, the dict is therefore computed by :func:`config_in_child`; if the child
+    fails for any reason the call is made here, so errors are transformers' own. Results are cached per
+    (model_type, fields)."""
+    key = pickle.dumps((model_type, sorted(fields.items())), protocol=4)
+    if key not in _CONFIG_CACHE:
+        cfg = None
+        if "transformers.configuration_utils" not in sys.modules:
+            cfg = config_in_child(model_type, fields)
+        if cfg is None:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.for_model(model_type, **fields).to_dict()
+        _CONFIG_CACHE[key] = pickle.dumps(cfg, protocol=4)
+    return pickle.loads(_CONFIG_CACHE[key])
+
+
 class GGUFFile:
     """One opened GGUF file: its metadata as the HF config and tokenizer, and its tensors under HF names."""
 
@@ -124,41 +398,38 @@ class GGUFFile:
             magic = f.read(4)
         if magic != b"GGUF":
             raise JaxlensError(f"{self.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
-        gguf = _gguf_module()
+        _gguf_module()
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # noqa: BLE001 - the reader raises ValueError / IndexError / struct errors
+            self.header = _Header(self.path)
+        except Exception as e:  # noqa: BLE001 - ValueError / struct.error / UnicodeDecodeError on a bad file
             raise JaxlensError(f"{self.name} is truncated or corrupt ({e.__class__.__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
         self.arch = self.value("general.architecture")
         if self.arch not in ARCHS:
             raise JaxlensError(f"{self.name}: GGUF architecture {self.arch!r} is not supported by jaxlens "
                                f"(supported: {', '.join(ARCHS)})")
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = self.header.tensors
         size = os.path.getsize(self.path)
-        for t in self.reader.tensors:
+        for t in self.tensors.values():
             if int(t.data_offset) + int(t.n_bytes) > size:
                 raise JaxlensError(f"{self.name} is truncated: tensor {t.name} ends past the end of the file")
 
     # metadata ----------------------------------------------------------------------------------
     def value(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        if f is None:
+        if key not in self.header.fields:
             return default
-        return f.contents()
+        return self.header.contents(key)
 
     def metadata(self) -> dict:
         """Every metadata key with its value; arrays of strings other than the vocabulary and merges are
         given as their length, as transformers' reader does."""
-        gguf = _gguf_module()
         out = {}
-        for key, f in self.reader.fields.items():
-            if (f.types and f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1
-                    and f.types[-1] == gguf.GGUFValueType.STRING
+        for key, f in self.header.fields.items():
+            if (f.types and f.types[0] == _ARRAY and len(f.types) > 1 and f.types[-1] == _STRING
                     and key not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")):
-                out[key] = len(f.data)
+                out[key] = f.n_items
             else:
-                out[key] = f.contents()
+                out[key] = self.header.contents(key)
         return out
 
     def model_type(self) -> str:
@@ -171,7 +442,7 @@ class GGUFFile:
         fields: dict = {}
         prefix = self.arch + "."
         unknown = []
-        for key in self.reader.fields:
+        for key in self.header.fields:
             if key.startswith(_IGNORED_PREFIXES):
                 continue
             if not key.startswith(prefix):
@@ -197,10 +468,10 @@ class GGUFFile:
             raise JaxlensError(f"{self.name}: GGUF metadata {unknown[0]!r} is not handled by jaxlens "
                                "(it may change the model's math; refusing to ignore it)")
         if "vocab_size" not in fields:
-            tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+            tokens = self.header.fields.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise JaxlensError(f"{self.name}: no vocab_size and no tokenizer.ggml.tokens in the metadata")
-            fields["vocab_size"] = len(tokens.data)
+            fields["vocab_size"] = tokens.n_items
         fields["tie_word_embeddings"] = "output.weight" not in self.tensors
         if self.arch == "llama":
             # llama.cpp applies whatever biases the file holds; the config has to say so
@@ -211,10 +482,8 @@ class GGUFFile:
             v = self.value(f"tokenizer.ggml.{gg}")
             if v is not None:
                 fields[hf] = int(v)
-        from transformers import AutoConfig
-
         model_type = self.model_type()
-        cfg = AutoConfig.for_model(model_type, **fields).to_dict()
+        cfg = hf_config_dict(model_type, fields)
         cfg["model_type"] = model_type
         return cfg
 
@@ -241,36 +510,64 @@ class GGUFFile:
         return out
 
     def tensor_source(self, config: dict):
+        """The file's tensors under HF names. ``get`` dequantises a whole tensor to float32; ``fill`` writes
+        one into a caller's array (any float dtype, any strides) one row block at a time, so no float32 copy
+        of the whole tensor exists unless an :data:`UNDO` step needs it."""
         from jaxlens.models.checkpoint import TensorSource
 
         gguf = _gguf_module()
         names = self.hf_names()
         undo: list[tuple[Any, Callable]] = [(re.compile(rx), fn) for rx, fn in UNDO.get(self.arch, [])]
         shapes = {hf: tuple(int(x) for x in reversed(self.tensors[g].shape)) for hf, g in names.items()}
+        header = self.header
+
+        def dequantize(t: _Tensor, data: np.ndarray) -> np.ndarray:
+            try:
+                return gguf.dequantize(data, t.tensor_type)
+            except NotImplementedError:
+                raise JaxlensError(f"{self.name}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
+                                   "package cannot dequantise") from None
+
+        def row_blocks(t: _Tensor, shape: tuple):
+            """(start, stop, float32 rows) of a 2-D tensor, ~1M values per block (the dequantiser's
+            temporaries stay small)."""
+            step = max(1, (1 << 20) // max(1, shape[1]))
+            with open(self.path, "rb") as fh:
+                for i in range(0, shape[0], step):
+                    j = min(shape[0], i + step)
+                    yield i, j, dequantize(t, header.read(t, fh, (i, j))).reshape(-1, shape[1])
+
+        def blockwise(t: _Tensor, shape: tuple) -> bool:
+            return len(shape) == 2 and len(t.data_shape) == 2 and t.data_shape[0] == shape[0]
 
         def get(hf: str) -> np.ndarray:
             t = self.tensors[names[hf]]
             shape = shapes[hf]
-            data = t.data                                  # a view of the memory-mapped file
-            try:
-                if data.ndim == 2 and data.shape[0] == shape[0] and len(shape) == 2:
-                    # row blocks into one float32 buffer: the dequantiser's temporaries stay small
-                    w = np.empty(shape, np.float32)
-                    step = max(1, (1 << 20) // max(1, shape[1]))
-                    for i in range(0, shape[0], step):
-                        w[i:i + step] = gguf.dequantize(data[i:i + step], t.tensor_type).reshape(-1, shape[1])
-                else:
-                    w = np.asarray(gguf.dequantize(data, t.tensor_type), np.float32).reshape(shape)
-            except NotImplementedError:
-                raise JaxlensError(f"{self.name}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
-                                   "package cannot dequantise") from None
+            if blockwise(t, shape):
+                w = np.empty(shape, np.float32)
+                for i, j, rows in row_blocks(t, shape):
+                    w[i:j] = rows
+            else:
+                with open(self.path, "rb") as fh:
+                    w = np.asarray(dequantize(t, header.read(t, fh)), np.float32).reshape(shape)
             for rx, fn in undo:
                 if rx.search(t.name):
                     w = fn(w, config)
             return w
 
+        def fill(hf: str, out: np.ndarray) -> None:
+            t = self.tensors[names[hf]]
+            shape = shapes[hf]
+            if out.shape != shape:
+                raise ValueError(f"fill({hf}): out has shape {out.shape}, the tensor {shape}")
+            if not blockwise(t, shape) or any(rx.search(t.name) for rx, _ in undo):
+                out[...] = get(hf)
+                return
+            for i, j, rows in row_blocks(t, shape):
+                out[i:j] = np.asarray(rows, np.float32)      # the cast to out's dtype, as from a float32 copy
+
         types = sorted({t.tensor_type.name for t in self.tensors.values()})
-        return TensorSource(shapes, get, f"{self.name} (GGUF {', '.join(types)})")
+        return TensorSource(shapes, get, f"{self.name} (GGUF {', '.join(types)})", fill=fill)
 
     # tokenizer ---------------------------------------------------------------------------------
     def tokenizer(self):
@@ -278,11 +575,8 @@ class GGUFFile:
         return build_tokenizer(self.metadata(), self.arch, self.name)
 
     def tokenizer_factory(self) -> Callable:
-        """A function building :meth:`tokenizer` later from the metadata alone, so the reader (whose parsed
-        vocabulary is the largest thing in memory after the weights: ~690 MB for Gemma-3's 262k tokens)
-        can be dropped once the weights are loaded."""
-        import functools
-
+        """A function building :meth:`tokenizer` later from the metadata alone (decoded now, after the
+        weights, so the file need not stay open)."""
         return functools.partial(build_tokenizer, self.metadata(), self.arch, self.name)
 
 
