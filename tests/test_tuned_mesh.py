@@ -7,7 +7,8 @@
 * a run stopped on 8 devices resumes on 4 and ends with the uninterrupted lens; a mesh that cannot run the
   checkpoint's micro-batches is refused with a sentence;
 * two processes x 4 devices (gloo, coordinator on 127.0.0.1) equal one process, and kill -9 of one process +
-  ``--resume`` on both ends with exactly the uninterrupted two-process lens;
+  ``--resume`` on both ends with exactly the uninterrupted two-process lens (and one process resuming the
+  same checkpoint ends with it to <= 1e-5);
 * ``--layer-groups`` (layers scored a group at a time) gives the same lens;
 * ``--plan-only`` reports per-device memory from abstract parameters (Llama-3-8B shape).
 """
@@ -271,11 +272,23 @@ def test_two_processes_equal_one_and_kill9_resume_is_exact(setup, tmp_path):
         procs[0].wait()
     assert not (cut / "lens.safetensors").exists()
     assert _latest_complete(str(cut / "checkpoints")) < 6
+    import shutil
+
+    alone = tmp_path / "alone"                            # the same checkpoint, resumed by one process
+    shutil.copytree(cut, alone)
     _finish(_two(setup, cut, "--resume"))
     b = load_file(str(cut / "lens.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     cb = json.load(open(cut / "lens_card.json"))
     assert cb["loss_curve"] == card["loss_curve"] and cb["data"]["content_hash"] == card["data"]["content_hash"]
+    # a two-process checkpoint resumed by one process (8 devices, the same mesh shape): the same lens
+    res = train_lens(setup["ckpt"], setup["train"], str(alone), steps=6, checkpoint_every=2, resume=True,
+                     mesh="data=2,fsdp=2,tensor=2", **KW)
+    assert res.complete and res.card["training"]["processes"] == 1
+    assert res.card["data"]["content_hash"] == card["data"]["content_hash"]
+    assert _rel(res.card["loss_curve"], card["loss_curve"]) <= 1e-5
+    for k in a:
+        assert _rel(res.lens.arrays()[k], a[k]) <= 1e-5, k
 
 
 # ------------------------------------------------------------------------------------------------
