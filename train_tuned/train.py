@@ -1,18 +1,21 @@
-"""Tuned-lens training: recipe -> plan, one jitted data-parallel step, orbax checkpoints, exact resume.
+"""Tuned-lens training: recipe -> plan, one jitted SPMD step over a device mesh, orbax checkpoints, exact resume.
 
 ``train_lens(model_source, data, out, ...)`` is what ``jaxlens train-lens`` runs:
 
 1. the recipe TOML (``configs/recipes/<name>.toml``) and the model give a :class:`Plan` (every number the run
    uses: sequence length, tokens per step, micro-batches, layers / positions per step, rank, optimizer);
 2. the data source is tokenised and packed (:mod:`train_tuned.data`);
-3. each optimizer step runs one jitted function: for each micro-batch (``lax.scan``) the frozen model's
-   forward gives every residual stream; the translators map the trained layers' rows; the streaming
-   loss (:mod:`train_tuned.loss`) scores them against the model's own output distribution; gradients are
-   summed over micro-batches and over the ``data`` axis of the device mesh (``shard_map`` + ``psum``), then
-   the optax update is applied (replicated);
+3. each optimizer step runs one jitted SPMD function over the (data, fsdp, tensor) mesh: for each micro-batch
+   (``lax.scan``) the frozen model's forward (parameters by the logical-axis rules, activations batch-sharded)
+   gives every residual stream; the trained layers are scored in groups (``layer_groups``): the translators
+   map their rows (the lens parameters and optimizer state sharded over fsdp) and the vocabulary-parallel
+   streaming loss (:func:`train_tuned.loss.vocab_parallel_ce`) scores them against the model's own output
+   distribution; gradients are summed over groups, micro-batches and devices, constrained to the lens's
+   sharding, and the optax update runs sharded;
 4. every ``checkpoint_every`` steps and at the end (or at ``stop_at``) orbax saves the lens parameters,
-   the optax state, the RNG key and a JSON item (step, data position, content hash, loss history);
-   ``resume`` restores them against abstract targets that carry the mesh sharding;
+   the optax state, the RNG key and a JSON item (step, data position, content hash, loss history), from
+   every process; ``resume`` restores them against abstract targets that carry this run's mesh sharding
+   (which may differ from the checkpointed run's: the micro-batching is kept);
 5. the lens is written in jaxlens's format with its card (:func:`jaxlens.lens.tuned.save_lens`).
 
 Determinism: the step-k RNG is ``fold_in(key(seed), k)`` and step k consumes sequences
