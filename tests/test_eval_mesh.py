@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, BATCH = 64, 6
 METRICS = ("ce_nats", "entropy_nats", "kl_nats")
 
@@ -132,26 +128,13 @@ def test_two_processes_equal_one_device(setup, tmp_path):
     """``jaxlens eval-lens`` under jax.distributed: two processes on 127.0.0.1 x 4 fake CPU devices (gloo), mesh
     data=1,fsdp=2,tensor=4 (the parameters and each batch split across the processes). Process 0 alone writes
     the JSON and prints the table; the numbers are the one-device run's."""
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    import multiproc as MP
+
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-m", "jaxlens.cli", "eval-lens", "--model", "demo", "--lens", _demo_lens(), "--data",
+    cmd = ["-m", "jaxlens.cli", "eval-lens", "--model", "demo", "--lens", _demo_lens(), "--data",
            setup["held"], "--seq-len", str(SEQ), "--batch", str(BATCH), "--out", str(out), "--quiet",
-           "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    try:
-        res = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (o, e) in zip(procs, res):
-        assert p.returncode == 0, e[-4000:]
+           "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{MP.free_port()}", "--num-processes", "2"]
+    res = MP.finish(MP.launch(cmd), timeout=240)
     assert str(out) in res[0][0] and "baseline (model)" in res[0][0]
     assert "baseline (model)" not in res[1][0] and str(out) not in res[1][0]       # process 1: no table, no path
     two = json.loads(out.read_text())

@@ -14,9 +14,6 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,26 +252,13 @@ def test_two_processes_fit_the_one_process_prism(setup, tmp_path):
     """jax.distributed on 127.0.0.1: two processes x 4 fake CPU devices (gloo), mesh data=2,fsdp=2,tensor=2 (the
     data axis across the processes, each feeding its half of every batch). Both processes end with the same
     statistics, equal to the one-process fit's; only process 0 writes its output directory."""
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    import multiproc as MP
+
+    port = MP.free_port()
     outs = [tmp_path / f"prism{i}" for i in range(2)]
     npz = [tmp_path / f"stats{i}.npz" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, str(port), str(i), setup["path"], setup["corpus"],
-                               str(outs[i]), str(npz[i])], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    try:
-        res = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (o, e) in zip(procs, res):
-        assert p.returncode == 0, e[-4000:]
+    res = MP.finish(MP.launch(lambda i: ["-c", _TWO_PROCESS, str(port), str(i), setup["path"], setup["corpus"],
+                                         str(outs[i]), str(npz[i])]), timeout=240)
     assert json.loads(res[0][0].strip().splitlines()[-1])["processes"] == 2
     assert (outs[0] / "whiten.pt").is_file() and not outs[1].exists()             # process 0 writes, alone
     got = [dict(np.load(f)) for f in npz]

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -198,12 +196,6 @@ def test_resume_on_another_mesh(setup, tmp_path):
 # two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _latest_complete(ckpt_dir):
     if not os.path.isdir(ckpt_dir):
         return 0
@@ -213,30 +205,22 @@ def _latest_complete(ckpt_dir):
 
 
 def _two(setup, out, *extra, sleep=None):
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", JAX_DEFAULT_MATMUL_PRECISION="highest")
-    if sleep:
-        env["JAXLENS_TRAIN_STEP_SLEEP"] = str(sleep)
-    cmd = [sys.executable, "-m", "jaxlens", "train-lens", "--model", setup["ckpt"], "--data", setup["train"],
+    import multiproc as MP
+
+    cmd = ["-m", "jaxlens", "train-lens", "--model", setup["ckpt"], "--data", setup["train"],
            "--out", str(out), "--steps", "6", "--seq-len", "32", "--tokens-per-step", "256", "--checkpoint-every", "2",
-           "--lens-matmul", "float32", "--mesh", "data=2,fsdp=2,tensor=2", "--coordinator", f"127.0.0.1:{port}",
-           "--num-processes", "2", "--quiet", *extra]
-    return [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for i in range(2)]
+           "--lens-matmul", "float32", "--mesh", "data=2,fsdp=2,tensor=2", "--coordinator",
+           f"127.0.0.1:{MP.free_port()}", "--num-processes", "2", "--quiet", *extra]
+    extra_env = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    if sleep:
+        extra_env["JAXLENS_TRAIN_STEP_SLEEP"] = sleep
+    return MP.launch(cmd, **extra_env)
 
 
 def _finish(procs, timeout=300):
-    try:
-        res = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (o, e) in zip(procs, res):
-        assert p.returncode == 0, e[-3000:]
-    return res
+    import multiproc as MP
+
+    return MP.finish(procs, timeout)
 
 
 def test_two_processes_equal_one_and_kill9_resume_is_exact(setup, tmp_path):
