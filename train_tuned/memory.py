@@ -190,4 +190,7 @@ def format_plan(r: dict) -> str:
     lines.append(f"  {'peak estimate':24s}{g(pd['peak_estimate'])}   (arguments + outputs + temporaries - aliased)")
     lines.append(f"  compiled in {r['seconds']['compile']:.1f} s (lowered in {r['seconds']['lower']:.1f} s); "
                  "nothing was allocated")
+    if r["backend"] == "cpu" and m["dtype"] in ("bfloat16", "float16"):
+        lines.append(f"  note: XLA:CPU converts {m['dtype']} weights to float32 for its GEMMs, so these temporaries "
+                     "include an fp32 copy of the per-device weights that a TPU / GPU does not make")
     return "\n".join(lines)
