@@ -59,8 +59,8 @@ def _lens_rel(r, ref) -> dict:
     return {k: _rel(r.lens.arrays()[k], v) for k, v in ref.lens.arrays().items()}
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 8, 1)])
-@pytest.mark.parametrize("softcap,temp,bias", [(None, True, True), (2.5, False, False)])
+@pytest.mark.parametrize("shape,softcap,temp,bias", [((1, 1, 8), None, True, True), ((2, 1, 4), 2.5, False, False),
+                                                     ((2, 2, 2), 2.5, True, True), ((1, 8, 1), None, False, False)])
 def test_vocab_parallel_loss_and_gradient_match_dense(shape, softcap, temp, bias):
     import jax
     import jax.numpy as jnp
