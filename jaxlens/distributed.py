@@ -65,7 +65,9 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     ``coordinator`` is ``HOST:PORT`` of process 0 (every process passes the same); ``num_processes`` /
     ``process_id`` are required with it unless the platform detects them. ``auto=True`` with no arguments
-    lets JAX auto-detect the cluster (TPU pod slices, SLURM, Open MPI). With neither, the process runs alone.
+    lets JAX auto-detect the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes); where JAX's detectors
+    find none, one JaxlensError says what they looked for (instead of JAX's "coordinator_address should be
+    defined"). With neither, the process runs alone.
     Calling it again with the same arguments is a no-op.
     """
     import jax
@@ -80,6 +82,49 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         raise JaxlensError(f"--process-id {process_id} must lie in 0..{int(num_processes) - 1}")
     if explicit and coordinator is None:
         raise JaxlensError("--num-processes / --process-id need --coordinator HOST:PORT (process 0's address)")
+    slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+    def detect_cluster() -> tuple:
+        """(the cluster environments JAX's auto-detection finds here, what it looks for): JAX's own detectors
+        (jax._src.clusters, the ones jax.distributed.initialize tries; mpi4py is opt-in there and skipped
+        here too), or, if that private module moved, the SLURM / Open MPI variables checked directly."""
+        looked = ["a Cloud TPU VM (GCE metadata agent-worker-number, or GKE's TPU_WORKER_HOSTNAMES)",
+                  "SLURM (all of " + ", ".join(slurm_vars) + ")", "Open MPI (OMPI_MCA_orte_hnp_uri)",
+                  "Kubernetes (KUBERNETES_SERVICE_HOST and the kubernetes package)"]
+        try:
+            from jax._src import clusters as JC
+
+            found = []
+            for env in JC.ClusterEnv._cluster_types:
+                if getattr(env, "opt_in_only_method", False):
+                    continue
+                try:
+                    if env.is_env_present():
+                        found.append(env.__name__)
+                except Exception:  # noqa: BLE001 - a detector that fails detects nothing (as in JAX)
+                    pass
+            return found, looked
+        except Exception:  # noqa: BLE001 - another JAX layout: the environment variables themselves
+            found = [name for name, ok in (("SlurmCluster", all(v in os.environ for v in slurm_vars)),
+                                           ("OmpiCluster", "OMPI_MCA_orte_hnp_uri" in os.environ)) if ok]
+            return found, looked
+
+    coord_known = coordinator is not None or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if not (coord_known and num_processes is not None and process_id is not None):
+        found, looked = detect_cluster()     # what JAX would detect; without a cluster it could only fail
+        if not found:
+            partial = [v for v in slurm_vars if v in os.environ]
+            hint = ""
+            if partial and len(partial) < len(slurm_vars):
+                hint = (f" ({', '.join(partial)} set but not {', '.join(v for v in slurm_vars if v not in partial)}: "
+                        "inside a SLURM allocation, start every process with srun)")
+            looks = f"JAX's auto-detection looks for {', '.join(looked[:-1])} or {looked[-1]} and found none{hint}"
+            if auto:
+                raise JaxlensError(f"--distributed auto found no cluster to join: {looks}; pass --coordinator "
+                                   "HOST:PORT --num-processes N --process-id I on every process instead, or leave "
+                                   "out --distributed auto to run a single process")
+            raise JaxlensError(f"--coordinator without --num-processes / --process-id needs a cluster that provides "
+                               f"them: {looks}; pass --num-processes N --process-id I as well")
     # gloo: CPU collectives between processes (no-op for GPU / TPU computations); set before the backend starts
     try:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)

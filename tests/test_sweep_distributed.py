@@ -5,7 +5,11 @@
   its half of every global batch and writes its own shards; process 0 writes the manifest. The tables equal a
   single-process run's up to fp32 rounding (the sharded contractions sum in another order);
 * a mesh data=2, fsdp=2, tensor=2 over the 8 fake devices of the test session with a tuned lens (--tuned DIR) and
-  a fitted Prism (--prism DIR): the same rows as one device.
+  a fitted Prism (--prism DIR): the same rows as one device;
+* kill -9 of a two-process sweep, then --resume as one process, and the opposite (the resuming processes found by
+  --distributed auto in a one-node SLURM environment): the finished directory holds every window, nothing stray,
+  and each window's rows are those of the run that computed it;
+* --distributed auto without a cluster: one sentence, exit status 2.
 """
 from __future__ import annotations
 
@@ -158,3 +162,195 @@ def test_mesh_with_tuned_and_prism_equals_one_device(tmp_path):
     assert max(worst.values()) > 0                                                   # it did run sharded
     wp = _floats_close(one.table(table="prompts"), sharded.table(table="prompts"), 1e-5)
     print("mesh vs one device, worst per column:", worst, wp)
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9, then --resume with another number of processes
+
+
+CLUSTER_VARS = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_WORKER", "MEGASCALE_", "JAX_COORDINATOR")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}      # no cluster around
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def _sweep_cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "jaxlens.cli", "sweep"] + args, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when_done(procs, manifest, windows, timeout=240) -> None:
+    """kill -9 every process once ``manifest`` lists at least ``windows`` finished windows."""
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout and all(p.poll() is None for p in procs):
+            try:
+                done = len(json.loads(manifest.read_text())["windows_done"])
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= windows:
+                for p in procs:
+                    os.kill(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        outs = [p.communicate(timeout=60) for p in procs]
+    for p, (_, e) in zip(procs, outs):
+        assert p.returncode == -signal.SIGKILL, f"the sweep ended before it could be killed ({p.returncode}): {e[-2000:]}"
+
+
+def _wait_ok(procs, timeout=240) -> None:
+    try:
+        res = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, e) in zip(procs, res):
+        assert p.returncode == 0, e[-4000:]
+
+
+def _resume_prompts(tmp_path, n=16):
+    rng = np.random.default_rng(5)
+    rows = [{"id": f"r{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))),
+             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(n)]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def _same(u, v) -> bool:
+    return u == v or (isinstance(u, float) and isinstance(v, float) and np.isnan(u) and np.isnan(v))
+
+
+def _check_resumed(root, ref, n_windows, first_windows, first_exact, window, procs_first, procs_second):
+    """The finished directory: complete, every window, nothing stray; the rows of the windows the first run
+    committed are that run's (bit for bit when it was one unsharded process like ``ref``, else within fp32
+    rounding), the rows of the resumed windows are the resuming run's."""
+    from jaxlens.sweep import read_manifest, read_table
+
+    m = read_manifest(root)
+    assert m["status"] == "complete" and m["windows_done"] == list(range(n_windows))
+    assert m["stats"]["windows_resumed"] == len(first_windows) and m["processes"] == len(procs_second)
+    by_window: dict = {}
+    for s in m["shards"]:
+        by_window.setdefault(s["window"], set()).add(s["process"])
+    assert all(by_window[w] == set(procs_first) for w in first_windows), by_window
+    assert all(by_window[w] == set(procs_second) for w in set(by_window) - set(first_windows)), by_window
+    listed = {s["file"] for s in m["shards"]}
+    on_disk = {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs} - {"manifest.json"}
+    assert on_disk == listed                                  # the killed run's partial windows and parts/ removed
+    worst = {}
+    for table in ("layers", "prompts"):
+        got, want = read_table(root, table), ref.table(table=table)
+        assert got.num_rows == want.num_rows
+        first = pa.array([int(i) // window in set(first_windows) for i in want.column("prompt_index").to_pylist()])
+        for part, exact in ((first, first_exact), (pa.compute.invert(first), not first_exact)):
+            a, b = want.filter(part).to_pydict(), got.filter(part).to_pydict()
+            assert list(a) == list(b) and len(a["lens"]) > 0
+            if exact:                                         # the same program on the same shapes: bit for bit
+                bad = [c for c in a if not all(_same(u, v) for u, v in zip(a[c], b[c]))]
+                assert bad == [], (table, bad)
+            else:
+                worst[table] = _floats_close(want.filter(part), got.filter(part), 2e-5,
+                                             skip=("mass_ratio_ans_over_prompt",))
+    return worst
+
+
+def test_resume_two_processes_with_one(tmp_path):
+    """kill -9 of a two-process sweep (parameters spanning both) after >= 2 of 8 windows, then --resume as ONE
+    process without a mesh: windows are numbered from the start of the prompt set and depend on neither the
+    process count nor the mesh, so the resume computes the missing ones, deletes process 1's partial files and
+    completes. Windows of the first run: within fp32 rounding of one device (<= 2e-5 * max(1, |x|), measured
+    4.7e-6); resumed windows: bit for bit one device's."""
+    import jaxlens
+
+    prompts = _resume_prompts(tmp_path)
+    out = tmp_path / "out"
+    common = ["--model", "demo", "--prompts", prompts, "--out", str(out), "--lens", "norm,raw", "--batch-tokens",
+              str(BT), "--window", "2", "--buckets", "32", "--quiet"]
+    port = _free_port()
+    dist = ["--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [_sweep_cli(common + dist + ["--process-id", str(i)], _env()) for i in range(2)]
+    _kill_when_done(procs, out / "demo" / "manifest.json", 2)
+    from jaxlens.sweep import read_manifest
+
+    m = read_manifest(out / "demo")
+    first = list(m["windows_done"])
+    assert m["status"] == "running" and m["processes"] == 2 and 2 <= len(first) < 8
+    root = out / "demo"
+    stray = {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs} - \
+        {s["file"] for s in m["shards"]} - {"manifest.json"}
+    assert any(f.startswith("parts/") and f.endswith("-p1.json") for f in stray), stray   # process 1's accounts
+    _wait_ok([_sweep_cli(common + ["--resume"], _env())])
+    ref = jaxlens.sweep("demo", prompts, None, lenses="norm,raw", batch_tokens=BT, window=2, buckets=[32],
+                        progress=False)
+    worst = _check_resumed(out / "demo", ref, 8, first, False, 2, (0, 1), (0,))
+    print("two processes then one:", first, {t: max(w.values()) for t, w in worst.items()})
+
+
+def test_resume_one_process_with_two_found_by_distributed_auto(tmp_path):
+    """The opposite: kill -9 of a one-process sweep after >= 2 of 8 windows, then --resume as TWO processes on a
+    data=2,fsdp=2,tensor=2 mesh that join through --distributed auto: JAX's own SLURM detection, given a
+    one-node, two-task SLURM environment (SLURM_NTASKS=2, SLURM_PROCID, SLURM_STEP_NODELIST=localhost;
+    JAX_COORDINATOR_PORT picks the port). Windows of the first run: bit for bit one device's; resumed windows
+    (each process wrote its half): within fp32 rounding (<= 2e-5 * max(1, |x|), measured 6.5e-6)."""
+    import jaxlens
+
+    prompts = _resume_prompts(tmp_path)
+    out = tmp_path / "out"
+    common = ["--model", "demo", "--prompts", prompts, "--out", str(out), "--lens", "norm,raw", "--batch-tokens",
+              str(BT), "--window", "2", "--buckets", "32", "--quiet"]
+    _kill_when_done([_sweep_cli(common, _env())], out / "demo" / "manifest.json", 2)
+    from jaxlens.sweep import read_manifest
+
+    first = list(read_manifest(out / "demo")["windows_done"])
+    assert 2 <= len(first) < 8
+    port = str(_free_port())
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", JAX_COORDINATOR_PORT=port)
+    procs = [_sweep_cli(common + ["--resume", "--mesh", "data=2,fsdp=2,tensor=2", "--distributed", "auto"],
+                        _env(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **slurm)) for i in range(2)]
+    _wait_ok(procs)
+    m = read_manifest(out / "demo")
+    assert m["stats"]["processes"] == 2 and m["stats"]["global_devices"] == 8
+    assert m["identity"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    ref = jaxlens.sweep("demo", prompts, None, lenses="norm,raw", batch_tokens=BT, window=2, buckets=[32],
+                        progress=False)
+    worst = _check_resumed(out / "demo", ref, 8, first, True, 2, (0,), (0, 1))
+    print("one process then two:", first, {t: max(w.values()) for t, w in worst.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# --distributed auto without a cluster
+
+
+def test_distributed_auto_without_a_cluster_is_one_sentence(tmp_path):
+    """jax.distributed.initialize() with nothing to detect raises "coordinator_address should be defined."
+    (measured: at once, no hang); jaxlens.distributed.initialize checks first with JAX's own detectors and says
+    what it looked for: exit status 2, one line, no traceback, nothing written."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "The capital of France is", "answer": "Paris"}\n')
+    base = [sys.executable, "-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
+            "--out", str(tmp_path / "o")]
+    cases = [(["--distributed", "auto"], {}, ["--distributed auto found no cluster to join", "SLURM_JOB_ID",
+                                             "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri", "Cloud TPU", "--coordinator"]),
+             (["--distributed", "auto"], {"SLURM_JOB_ID": "7"},
+              ["SLURM_JOB_ID set but not SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID", "srun"]),
+             (["--coordinator", "127.0.0.1:1"], {},
+              ["--coordinator without --num-processes / --process-id needs a cluster",
+               "pass --num-processes N --process-id I"])]
+    for args, extra, want in cases:
+        t0 = time.time()
+        r = subprocess.run(base + args, env=_env(**extra), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
+        err = r.stderr.strip()
+        assert err.startswith("jaxlens: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert all(w in err for w in want), (want, err)
+        assert time.time() - t0 < 30                                              # before any model work
+    assert not (tmp_path / "o" / "demo").exists()

@@ -360,6 +360,10 @@ def _sweep_model(model, prompt_set, root: str, *, plans, identity, resume, mesh,
 
     pi, pc = jax.process_index(), jax.process_count()
     store = Store(root, identity, resume=resume, process_index=pi, process_count=pc)
+    # every process must plan the same windows (a resume may run with another process count or mesh: windows
+    # do not depend on either); processes that read different manifests would otherwise wait on each other
+    DI.agree(",".join(str(w) for w in sorted(store.done)), f"the windows of {root} already done (its manifest.json; "
+             "is the output directory on storage every process shares?)")
     if store.resumed_windows:
         say(f"resuming: {store.resumed_windows} window(s) already done" +
             (f", {len(store.redo)} to redo (files missing or changed)" if store.redo else ""))
