@@ -10,7 +10,7 @@ parity against it (``tests/test_gguf.py``, ``tests/test_real_models.py``):
   same default transformers gives it. ``to_dict()`` of that config is then read by
   :func:`jaxlens.models.spec.spec_from_config` like any published config. transformers' config module
   imports torch (~250 MB resident), so unless this process has imported it already the config is built by
-  a short-lived child interpreter (:func:`hf_config_dict`).
+  a short-lived child interpreter, with torch hidden from transformers there (:func:`hf_config_dict`).
 * **tensors**: :data:`TENSOR_NAMES` maps llama.cpp tensor names onto HF names, so the declarative weight
   tables of :mod:`jaxlens.models.convert` serve GGUF files too. Each tensor is dequantised (every type the
   ``gguf`` package can: F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K- and I-quants) only when the loader asks
@@ -328,12 +328,16 @@ class _NoGlobals(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected {module}.{name} in a config")
 
 
-# the child: transformers only (importing jaxlens would import jax); exit 3 if the dict holds anything but
-# plain values, which the parent could not unpickle without importing their modules
+# the child: transformers only (importing jaxlens would import jax). With ``hide_torch`` torch is made
+# unimportable first: transformers then runs as it does where torch is not installed, which it supports for
+# configurations (and which skips torch's ~2 s import); tests/test_load_memory.py checks the dicts are equal.
+# Exit 3 if the dict holds anything but plain values (the parent could not unpickle it without imports).
 _CONFIG_CHILD = r"""
 import pickle, sys
-path, model_type, fields = pickle.loads(sys.stdin.buffer.read())
+path, model_type, fields, hide_torch = pickle.loads(sys.stdin.buffer.read())
 sys.path[:] = path
+if hide_torch:
+    sys.modules["torch"] = None
 from transformers import AutoConfig
 def plain(x):
     if isinstance(x, dict):
@@ -349,20 +353,22 @@ sys.stdout.buffer.write(pickle.dumps(cfg, protocol=4))
 _CONFIG_CACHE: dict[bytes, bytes] = {}
 
 
-def config_in_child(model_type: str, fields: dict) -> dict | None:
+def config_in_child(model_type: str, fields: dict, hide_torch: bool | None = None) -> dict | None:
     """``AutoConfig.for_model(model_type, **fields).to_dict()`` computed by a child interpreter of this
-    environment (so this process imports neither transformers nor torch); None if that fails."""
+    environment, so this process imports neither transformers nor torch; None if that fails. The child
+    first runs with torch hidden from transformers, then (if that fails) as is; ``hide_torch`` forces one."""
     if not sys.executable:
         return None
-    try:
-        r = subprocess.run([sys.executable, "-c", _CONFIG_CHILD],
-                           input=pickle.dumps((list(sys.path), model_type, fields), protocol=4),
-                           capture_output=True, timeout=600)
-        if r.returncode != 0:
-            return None
-        return _NoGlobals(io.BytesIO(r.stdout)).load()      # plain values only: nothing is imported
-    except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError):
-        return None
+    for hide in ((True, False) if hide_torch is None else (hide_torch,)):
+        try:
+            r = subprocess.run([sys.executable, "-c", _CONFIG_CHILD],
+                               input=pickle.dumps((list(sys.path), model_type, fields, hide), protocol=4),
+                               capture_output=True, timeout=600)
+            if r.returncode == 0:
+                return _NoGlobals(io.BytesIO(r.stdout)).load()      # plain values only: nothing is imported
+        except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError):
+            pass
+    return None
 
 
 def hf_config_dict(model_type: str, fields: dict) -> dict:

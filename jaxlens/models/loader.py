@@ -9,6 +9,7 @@ reader's read / dequantisation blocks (a few MB); ``benchmarks/load_memory.py`` 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from functools import cached_property
 
@@ -165,11 +166,17 @@ class Model:
                 f"{jnp.dtype(self.dtype).name})")
 
 
-def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary. The CPU backend
-    adopts such a buffer on ``jax.device_put`` instead of copying it (an unaligned one is copied)."""
+def _host_buffer(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary, which the CPU backend
+    adopts on ``jax.device_put`` instead of copying (an unaligned one is copied). Buffers of 4 MiB and more are
+    private anonymous maps (page-aligned), not ``np.empty``: numpy advises transparent huge pages for those,
+    and with the kernel's default ``defrag=madvise`` every first touch may compact memory synchronously, which
+    made filling a model's worth of fresh buffers several times slower than the dequantisation itself."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes >= 1 << 22 and hasattr(mmap, "MAP_PRIVATE"):
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype).reshape(shape)
+    align = 64
     raw = np.empty(nbytes + align, np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
@@ -198,7 +205,7 @@ def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
     """Stream-convert a checkpoint (a HF directory, or an opened :class:`~jaxlens.models.checkpoint.TensorSource`)
     into the jaxlens parameter tree.
 
-    Each parameter gets one host buffer of its final dtype and shape (64-byte aligned), which every source
+    Each parameter gets one host buffer of its final dtype and shape (:func:`_host_buffer`), which every source
     tensor is written into directly (``TensorSource.fill``, through a transposed / reshaped view of its slot);
     only slices of fused tensors go through a converted copy. The buffer is then placed: on the CPU backend
     without a mesh ``device_put`` adopts it, so the loaded parameters are the only copy; on an accelerator
@@ -211,7 +218,7 @@ def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
     out = {}
     for path, (shape, axes) in layout.items():
         sharding = sharding_for(shape, axes, mesh) if mesh is not None else None
-        host = _aligned_empty(tuple(shape), jnp.dtype(dtype))
+        host = _host_buffer(tuple(shape), jnp.dtype(dtype))
         cache_key, cache_val = None, None
         for layer, key, ops in assign[path]:
             target = host if layer is None else host[layer]
