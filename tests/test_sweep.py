@@ -3,7 +3,8 @@
 * the probe's own pure rows (jaxlens.probe.passes) over the reference suite's prompts: bit for bit with XLA:CPU's
   Eigen kernels (``--stable-kernels``, in a subprocess), within fp32 rounding with the default kernels;
 * a PyTorch float64 computation of every lens (norm / logit / raw) on a tiny Llama with a BOS tokenizer;
-* batching invariance: the same rows whatever the window, bucket set, input order or company of a prompt;
+* batching invariance: the same rows whatever the window, bucket set, input order or company of a prompt, for the
+  last-position tables and for --positions all (with --stable-kernels also whatever --batch-tokens);
 * kill -9 in the middle of a sweep, then --resume: the tables equal an uninterrupted run's;
 * bad inputs: each one clear error before any model work, or a row status (nothing lost);
 * the CLI end to end: tuned lens, --positions all, --save-residuals, CSV / Parquet / hf: inputs, two models,
@@ -288,6 +289,156 @@ def test_rows_identical_whatever_batch_bucket_or_company(demo, tmp_path):
         assert _tables_equal(keyp(psub), keyp(pt)) == [], name
     st = ref.models["demo"]["manifest"]["stats"]
     assert st["compiles"] <= 3 and st["prompts_computed"] == 30            # at most one per bucket: 16, 32, 64
+
+
+POSITIONS_SCRIPT = r"""
+import json, sys
+import jaxlens
+from jaxlens.models.loader import DEMO_TUNED_LENS_DIR
+res = {}
+for name, kw in json.loads(sys.argv[2]).items():
+    prompts = kw.pop("prompts")
+    sw = jaxlens.sweep("demo", prompts, None, lenses="norm,raw", tuned=DEMO_TUNED_LENS_DIR, positions="all", top_k=3,
+                       progress=False, **kw)
+    res[name] = {t: sw.table(table=t).to_pydict() for t in ("layers", "positions")}
+json.dump(res, open(sys.argv[1], "w"))
+"""
+
+
+def _positions_runs(tmp_path, runs, env=None):
+    """{name: {"layers": ..., "positions": ...}} (dicts of columns) of the demo swept with norm, raw and the
+    packaged tuned lens and --positions all, per run's keywords; in a subprocess when ``env`` is given."""
+    if env is None:
+        import jaxlens
+        from jaxlens.models.loader import DEMO_TUNED_LENS_DIR
+
+        out = {}
+        for name, kw in runs.items():
+            kw = dict(kw)
+            sw = jaxlens.sweep("demo", kw.pop("prompts"), None, lenses="norm,raw", tuned=DEMO_TUNED_LENS_DIR,
+                               positions="all", top_k=3, progress=False, **kw)
+            out[name] = {t: sw.table(table=t).to_pydict() for t in ("layers", "positions")}
+        return out
+    script = tmp_path / "positions.py"
+    script.write_text(POSITIONS_SCRIPT)
+    res = tmp_path / "positions.json"
+    r = subprocess.run([sys.executable, str(script), str(res), json.dumps(runs)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(res.read_text())
+
+
+def _by_key(t: dict) -> dict:
+    keys = [k for k in ("prompt_id", "lens", "layer", "pos") if k in t]
+    return {tuple(t[k][i] for k in keys): {c: t[c][i] for c in t if c != "prompt_index"} for i in range(len(t["lens"]))}
+
+
+def _positions_compare(ref: dict, got: dict) -> dict:
+    """Per table: (cells that differ, largest |x - y| / max(1, |x|) over the float cells) on got's rows."""
+    out = {}
+    for table in ("layers", "positions"):
+        a, b = _by_key(ref[table]), _by_key(got[table])
+        assert set(b) <= set(a) and b
+        diff, worst = 0, 0.0
+        for k, row in b.items():
+            for c, v in row.items():
+                u = a[k][c]
+                if _same(u, v):
+                    continue
+                diff += 1
+                if isinstance(u, float) and isinstance(v, float):
+                    worst = max(worst, abs(u - v) / max(1.0, abs(u)))
+                else:
+                    worst = float("inf")              # a token / rank / id that changed
+        out[table] = (diff, worst)
+    return out
+
+
+def _positions_setup(tmp_path):
+    rows = _prompts(10, seed=9, hi=40)
+    base = _jsonl(tmp_path / "all.jsonl", rows)
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [rows[i] for i in (7, 2, 9, 0, 4)])
+    alone = _jsonl(tmp_path / "alone.jsonl", [rows[3]])
+    return base, mixed, alone
+
+
+def test_positions_all_batch_invariant_default_kernels(tmp_path):
+    """--positions all (every layer x every position): a prompt's rows are bit for bit the same whatever bucket
+    set, window, company or order it lands in at one --batch-tokens, like the last-position rows (the positions
+    decode runs a batch's B x L = batch_tokens (sequence, position) rows in blocks of 64; padding positions are
+    decoded but never written). Another --batch-tokens changes the shapes of the forward's GEMMs, which XLA:CPU's default (YNNPACK)
+    kernels round by shape: every cell then within 5e-5 * max(1, |x|) (measured 1.3e-5 positions, 1.1e-5 layers;
+    the positions table is not looser than the last-position one, only larger), no token, rank or id changed."""
+    base, mixed, alone = _positions_setup(tmp_path)
+    runs = _positions_runs(tmp_path, {
+        "ref": {"prompts": base, "batch_tokens": BT},
+        "buckets 64, window 3": {"prompts": base, "batch_tokens": BT, "buckets": [64], "window": 3},
+        "other company, order": {"prompts": mixed, "batch_tokens": BT, "buckets": [32, 128]},
+        "alone": {"prompts": alone, "batch_tokens": BT},
+        "batch_tokens 1024": {"prompts": base, "batch_tokens": 4 * BT}})
+    ref = runs.pop("ref")
+    n_pos = len(ref["positions"]["lens"])
+    assert n_pos > 10 * 26 * 5                                   # every layer of 3 lenses at every position
+    other = runs.pop("batch_tokens 1024")
+    for name, got in runs.items():
+        assert _positions_compare(ref, got) == {"layers": (0, 0.0), "positions": (0, 0.0)}, name
+    cmp = _positions_compare(ref, other)
+    print("batch_tokens 256 -> 1024 (default kernels): cells differing, worst rel:", cmp)
+    assert cmp["layers"][1] <= 5e-5 and cmp["positions"][1] <= 5e-5, cmp
+
+
+def test_positions_all_bucket_invariant_with_translators_at_d576(tmp_path):
+    """The case the demo (d = 64) cannot show: at d = 576 (SmolLM2-135M's width) XLA:CPU's default kernels round
+    a [rows, d] x [d, d] product by its row count below 48 rows, so a tuned lens's or a Prism's translators must
+    not see a prompt's bucket length. The positions decode runs (sequence, position) rows in blocks of 64 rows
+    (before: one block per sequence of L positions, and 282 cells of the tuned and Prism rows changed between
+    buckets 16/32/64 and 64 only, by up to 4.1e-6): bit for bit the same rows now, for every lens."""
+    import jaxlens
+    from jaxlens.lens.prism import PrismLens
+    from jaxlens.lens.tuned import FullRankLens
+
+    path = str(tmp_path / "wide")
+    F.build_checkpoint("llama", path, seed=3, config_overrides=dict(
+        hidden_size=576, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24))
+    model = jaxlens.load_model(path)
+    n, d = model.spec.n_layers, model.spec.d_model
+    assert d == 576
+    rng = np.random.default_rng(0)
+    tuned = FullRankLens(W=(rng.normal(size=(n, d, d)) * 0.3 / np.sqrt(d)).astype(np.float32),
+                         b=np.zeros((n, d), np.float32)).bind(model)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    prism = PrismLens(mean=rng.normal(size=d) * 0.1, var=rng.uniform(0.5, 2.0, size=d), Q=q)
+    words = "the capital of France is Paris and Germany Berlin one two three".split()
+    rows = [{"id": f"w{i}", "prompt": " ".join(rng.choice(words, k)), "answer": "Paris"}
+            for i, k in enumerate((3, 5, 9, 14))]
+    prompts = _jsonl(tmp_path / "p.jsonl", rows)
+    alone = _jsonl(tmp_path / "alone.jsonl", rows[1:2])
+    runs = {}
+    for name, src, kw in (("ref", prompts, {}), ("buckets 64", prompts, {"buckets": [64]}),
+                          ("alone, bucket 128", alone, {"buckets": [128]})):
+        sw = _sweep(model, src, None, lenses="norm", tuned=tuned, prism=prism, positions="all", top_k=3, **kw)
+        runs[name] = {t: sw.table(table=t).to_pydict() for t in ("layers", "positions")}
+    ref = runs.pop("ref")
+    assert set(ref["positions"]["lens"]) == {"norm", "tuned", "prism"}
+    for name, got in runs.items():
+        assert _positions_compare(ref, got) == {"layers": (0, 0.0), "positions": (0, 0.0)}, name
+
+
+def test_positions_all_batch_tokens_invariant_stable_kernels(tmp_path):
+    """With --stable-kernels (XLA:CPU's Eigen GEMMs, in a subprocess) --batch-tokens, buckets and window change
+    nothing: the positions and layers tables of 256 and 1024 padded tokens per batch are identical cell for
+    cell."""
+    base, mixed, _ = _positions_setup(tmp_path)
+    runs = _positions_runs(tmp_path, {
+        "ref": {"prompts": base, "batch_tokens": BT},
+        "batch_tokens 1024, buckets 64, window 3": {"prompts": base, "batch_tokens": 4 * BT, "buckets": [64],
+                                                    "window": 3},
+        "batch_tokens 512, other company": {"prompts": mixed, "batch_tokens": 2 * BT}},
+        env=_env(JAXLENS_COMPILE_CACHE="off", XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type="))
+    ref = runs.pop("ref")
+    for name, got in runs.items():
+        assert _positions_compare(ref, got) == {"layers": (0, 0.0), "positions": (0, 0.0)}, name
 
 
 def test_engine_matches_lens_stats(demo):

@@ -4,8 +4,8 @@
   across both processes (mesh data=1, fsdp=2, tensor=4: the fsdp axis spans the processes). Each process feeds
   its half of every global batch and writes its own shards; process 0 writes the manifest. The tables equal a
   single-process run's up to fp32 rounding (the sharded contractions sum in another order);
-* a mesh data=2, fsdp=2, tensor=2 over the 8 fake devices of the test session with a tuned lens (--tuned DIR) and
-  a fitted Prism (--prism DIR): the same rows as one device;
+* a mesh data=2, fsdp=2, tensor=2 over the 8 fake devices of the test session with a tuned lens (--tuned DIR), a
+  fitted Prism (--prism DIR) and --positions all: the same rows as one device;
 * kill -9 of a two-process sweep, then --resume as one process, and the opposite (the resuming processes found by
   --distributed auto in a one-node SLURM environment): the finished directory holds every window, nothing stray,
   and each window's rows are those of the run that computed it;
@@ -128,9 +128,9 @@ def _floats_close(ref, got, rel, skip=()):
 
 def test_mesh_with_tuned_and_prism_equals_one_device(tmp_path):
     """data=2, fsdp=2, tensor=2 on the session's 8 fake devices, --tuned DIR (the demo's packaged lens) and --prism
-    DIR (fitted here): every row of every lens equals the unsharded sweep's within 1e-5 * max(1, |x|) (measured
-    5.9e-6, kl_final_to_layer_bits; p_answer 5.2e-6, entropy 3.9e-6), tokens / ranks / flags / milestones the
-    same (>= 99 % of the cells: near-ties may flip; measured 100 %)."""
+    DIR (fitted here), --positions all: every row of every lens equals the unsharded sweep's within
+    1e-5 * max(1, |x|) (measured: layers 5.9e-6, kl_final_to_layer_bits; prompts 3.0e-6; positions 6.4e-6),
+    tokens / ranks / flags / milestones the same (>= 99 % of the cells: near-ties may flip; measured 100 %)."""
     import jax
 
     import jaxlens
@@ -147,7 +147,7 @@ def test_mesh_with_tuned_and_prism_equals_one_device(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kw = dict(lenses="norm,logit", tuned=DEMO_TUNED_LENS_DIR, prism=prism_dir, batch_tokens=BT, window=8,
-              progress=False)
+              positions="all", progress=False)
     one = jaxlens.sweep("demo", str(prompts), None, **kw)
     sharded = jaxlens.sweep("demo", str(prompts), str(tmp_path / "mesh"), mesh="data=2,fsdp=2,tensor=2", **kw)
     m = sharded.models["demo"]["manifest"]
@@ -161,7 +161,10 @@ def test_mesh_with_tuned_and_prism_equals_one_device(tmp_path):
     _floats_close(t1.select(["mass_ratio_ans_over_prompt"]), t8.select(["mass_ratio_ans_over_prompt"]), 1e-3)
     assert max(worst.values()) > 0                                                   # it did run sharded
     wp = _floats_close(one.table(table="prompts"), sharded.table(table="prompts"), 1e-5)
-    print("mesh vs one device, worst per column:", worst, wp)
+    p1, p8 = one.table(table="positions"), sharded.table(table="positions")
+    assert p1.num_rows == p8.num_rows > t1.num_rows
+    wpos = _floats_close(p1, p8, 1e-5)                          # --positions all: every layer at every position
+    print("mesh vs one device, worst per column:", worst, wp, wpos)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -271,19 +271,17 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
             out["final_logits"] = logits
         return out
 
-    def rows_at(pos, gold_rows, gather_ids, want_cos, tb, nb, Bs):
-        """Every block of tb sequences (Bp = tb * nb >= B; the extra sequences are zero rows); the streaming pass
-        gets the first Bs sequences."""
-        P_ = pos.shape[1]
+    def rows_at(res, last_res, gold_rows, gather_ids, want_cos, tb, nb, Bs):
+        """res [R, N, P, d], last_res [N, P, d] (N sequences of P positions): every block of tb sequences
+        (Bp = tb * nb >= N; the extra sequences are zero rows); the streaming pass gets the first Bs sequences."""
+        N, P_ = res.shape[1], res.shape[2]
         Bp = tb * nb
-        res = jnp.take_along_axis(fw.residuals, pos[None, :, :, None], axis=2)[layers]        # [R, B, P, d]
-        last_res = jnp.take_along_axis(fw.residuals[n], pos[:, :, None], axis=1)             # [B, P, d]
-        if Bp > B:
-            res = jnp.pad(res, ((0, 0), (0, Bp - B), (0, 0), (0, 0)))
-            last_res = jnp.pad(last_res, ((0, Bp - B), (0, 0), (0, 0)))
-            gold_rows = jnp.pad(gold_rows, (0, (Bp - B) * P_), constant_values=-1)
+        if Bp > N:
+            res = jnp.pad(res, ((0, 0), (0, Bp - N), (0, 0), (0, 0)))
+            last_res = jnp.pad(last_res, ((0, Bp - N), (0, 0), (0, 0)))
+            gold_rows = jnp.pad(gold_rows, (0, (Bp - N) * P_), constant_values=-1)
             if gather_ids is not None:
-                gather_ids = jnp.pad(gather_ids, ((0, Bp - B), (0, 0)), constant_values=-1)
+                gather_ids = jnp.pad(gather_ids, ((0, Bp - N), (0, 0)), constant_values=-1)
         if nb == 1:
             out = block(res, last_res, gather_ids, want_cos)
         else:
@@ -298,10 +296,12 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
             dec["temp"] = jnp.broadcast_to(jnp.asarray(temp, jnp.float32), (Bs * P_, R))
         if want_cos:
             out["rows"] = h.reshape(Bp, P_, R, -1)
-        return dec, {k: v[:B] for k, v in out.items()}
+        return dec, {k: v[:N] for k, v in out.items()}
 
     lastpos = last[:, None]
-    dec, host = rows_at(lastpos, gold, gather, True, *decode_blocks(B, cfg, mesh))
+    res = jnp.take_along_axis(fw.residuals, lastpos[None, :, :, None], axis=2)[layers]            # [R, B, 1, d]
+    last_res = jnp.take_along_axis(fw.residuals[n], lastpos[:, :, None], axis=1)                 # [B, 1, d]
+    dec, host = rows_at(res, last_res, gold, gather, True, *decode_blocks(B, cfg, mesh))
     host = {k: v[:, 0] for k, v in host.items()}       # [B, R, ...], final_logits [B, V]
     idc = jnp.clip(gather, 0, W.shape[1] - 1)
     host["Wg"] = jnp.moveaxis(jnp.take(W, idc, axis=1), 0, -1)                                # [B, S, d]
@@ -310,10 +310,15 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
                                          0, 1)                                                 # [B, n+1, d]
     decs = {"last": dec}
     if cfg.positions_all:
-        T = ids.shape[1]
-        allpos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-        decs["all"], _ = rows_at(allpos, jnp.repeat(gold, T), None, False,
-                                 *((B, 1, B) if mesh is not None else (1, B, B)))
+        # every (sequence, position) pair a row of its own (sequence-major, as _decode reshapes them back),
+        # decoded in blocks of MIN_ROWS rows like the last position: the lens translators' products then have
+        # the same shape whatever the bucket length (blocks of one sequence of L positions made a prompt's
+        # rows depend on its bucket wherever XLA:CPU picks kernels by row count, e.g. d = 576 at L <= 32)
+        N = B * ids.shape[1]
+        res_all = fw.residuals[layers].reshape(R, N, 1, -1)                                    # [R, B*T, 1, d]
+        last_all = fw.residuals[n].reshape(N, 1, -1)
+        blocks = (N, 1, N) if mesh is not None else (MIN_ROWS, -(-N // MIN_ROWS), N)
+        decs["all"], _ = rows_at(res_all, last_all, jnp.repeat(gold, ids.shape[1]), None, False, *blocks)
     return decs, host
 
 
