@@ -366,9 +366,10 @@ def test_positions_all_batch_invariant_default_kernels(tmp_path):
     """--positions all (every layer x every position): a prompt's rows are bit for bit the same whatever bucket
     set, window, company or order it lands in at one --batch-tokens, like the last-position rows (the positions
     decode runs a batch's B x L = batch_tokens (sequence, position) rows in blocks of 64; padding positions are
-    decoded but never written). Another --batch-tokens changes the shapes of the forward's GEMMs, which XLA:CPU's default (YNNPACK)
-    kernels round by shape: every cell then within 5e-5 * max(1, |x|) (measured 1.3e-5 positions, 1.1e-5 layers;
-    the positions table is not looser than the last-position one, only larger), no token, rank or id changed."""
+    decoded but never written). Another --batch-tokens changes the shapes of the forward's GEMMs, which
+    XLA:CPU's default (YNNPACK) kernels round by shape: every cell then within 5e-5 * max(1, |x|) (measured
+    1.3e-5 positions, 1.1e-5 layers: the positions table is not looser than the last-position one, only
+    larger), no token, rank or id changed."""
     base, mixed, alone = _positions_setup(tmp_path)
     runs = _positions_runs(tmp_path, {
         "ref": {"prompts": base, "batch_tokens": BT},

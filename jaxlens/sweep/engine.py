@@ -17,7 +17,8 @@ per bucket shape.
   checks the two against each other.
 * Under a mesh the batch axis is sharded over (data, fsdp), the parameters as loaded
   (``load_model(mesh=...)``), the unembedding is replicated for the decode (rows sharded, no
-  communication), and every output keeps its batch axis sharded, so each process reads back only its rows.
+  communication; blocks of MIN_ROWS sequences per batch shard, strided over the batch so that every device
+  keeps its rows), and every output keeps its batch axis sharded, so each process reads back only its rows.
 """
 from __future__ import annotations
 
@@ -216,10 +217,11 @@ class StepConfig:
 def decode_blocks(B: int, cfg: StepConfig, mesh) -> tuple:
     """(pb, nb, Bs): the rows, the final logits and the cosines of the last-position decode are computed in
     nb >= 2 blocks of pb = MIN_ROWS sequences, the streaming pass runs over the first Bs = a multiple (>= 2) of
-    the stream's token block; Bs <= pb * nb. Under a mesh: one block of max(B, min_decode) sequences."""
+    the stream's token block; Bs <= pb * nb. Under a mesh: nb >= 1 blocks of pb = min_decode sequences (MIN_ROWS
+    per batch shard, each block strided over the batch so that every device keeps its rows), Bs = pb * nb."""
     if mesh is not None:
-        b = max(B, cfg.min_decode)
-        return b, 1, b
+        nb = max(1, -(-B // cfg.min_decode))
+        return cfg.min_decode, nb, cfg.min_decode * nb
     tb = cfg.token_block
     Bs = tb * max(2, -(-B // tb))
     return MIN_ROWS, max(2, -(-Bs // MIN_ROWS)), Bs
@@ -250,16 +252,26 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
     R = len(layers)
     temp = LS._temperature(stacked, layers)
 
+    def on_batch(x, axis):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxlens.distributed import batch_sharding
+
+        spec = [None] * x.ndim
+        spec[axis] = batch_sharding(mesh, x.shape[axis], 1).spec[0]       # None where the shards do not divide
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
     def block(res, last_res, gid, want_cos):
         """lens_stats(view, fw, stacked, positions=..., layers=stacked.layers) up to its streaming pass, for
         one block: res [R, b, P, d], last_res [b, P, d], gid [b, S] or None."""
         b, P_ = res.shape[1], res.shape[2]
+        if mesh is not None:        # a block's sequences sharded over (data, fsdp), as the batch (also in lax.map)
+            res, last_res = on_batch(res, 1), on_batch(last_res, 0)
+            gid = None if gid is None else on_batch(gid, 0)
         rows = LS.normalise(view, res, stacked, layers)
         h = jnp.transpose(rows, (1, 2, 0, 3)).reshape(b * P_, R, -1)
         if mesh is not None:
-            from jaxlens.distributed import batch_sharding
-
-            h = jax.lax.with_sharding_constraint(h, batch_sharding(mesh, b * P_, 3))
+            h = on_batch(h, 0)
         teacher_n = decoder.apply_norm(spec, params["final_norm"], last_res)
         out = {"h": h, "teacher": teacher_n.reshape(b * P_, -1)}
         if gid is not None:
@@ -282,14 +294,20 @@ def _prep(cfg: StepConfig, spec, rebuilds, mesh, params, lens_arrays, G, W, bias
             gold_rows = jnp.pad(gold_rows, (0, (Bp - N) * P_), constant_values=-1)
             if gather_ids is not None:
                 gather_ids = jnp.pad(gather_ids, ((0, Bp - N), (0, 0)), constant_values=-1)
-        if nb == 1:
+        if nb == 1 and mesh is None:
             out = block(res, last_res, gather_ids, want_cos)
-        else:
+        elif mesh is None:          # block k = sequences k*tb .. (k+1)*tb - 1
             xs = (jnp.moveaxis(res.reshape((R, nb, tb) + res.shape[2:]), 1, 0),
                   last_res.reshape((nb, tb) + last_res.shape[1:]),
                   None if gather_ids is None else gather_ids.reshape(nb, tb, -1))
             ys = jax.lax.map(lambda x: block(x[0], x[1], x[2], want_cos), xs)
             out = {k: v.reshape((v.shape[0] * v.shape[1],) + v.shape[2:]) for k, v in ys.items()}
+        else:                       # block k = sequences t*nb + k: each device's rows stay on it (its t range)
+            xs = (jnp.moveaxis(res.reshape((R, tb, nb) + res.shape[2:]), 2, 0),
+                  jnp.moveaxis(last_res.reshape((tb, nb) + last_res.shape[1:]), 1, 0),
+                  None if gather_ids is None else jnp.moveaxis(gather_ids.reshape(tb, nb, -1), 1, 0))
+            ys = jax.lax.map(lambda x: block(x[0], x[1], x[2], want_cos), xs)
+            out = {k: jnp.moveaxis(v, 0, 1).reshape((v.shape[0] * v.shape[1],) + v.shape[2:]) for k, v in ys.items()}
         h = out.pop("h")
         dec = {"h": h[:Bs * P_], "teacher": out.pop("teacher")[:Bs * P_], "gold": gold_rows[:Bs * P_]}
         if temp is not None:
