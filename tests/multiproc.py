@@ -21,9 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# a child must not believe it runs inside a cluster (jax.distributed's auto-detection reads these)
+CLUSTER_VARS = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_WORKER", "MEGASCALE_", "JAX_COORDINATOR")
+
+
 def env(devices: int = 4, **extra) -> dict:
-    """This process's environment for a child with ``devices`` fake CPU devices, offline, no compile cache."""
-    out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAXLENS_COMPILE_CACHE="off",
+    """This process's environment for a child with ``devices`` fake CPU devices, offline, no compile cache,
+    no cluster variables (``extra`` may set some)."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
+    out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAXLENS_COMPILE_CACHE="off",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     out.update({k: str(v) for k, v in extra.items()})

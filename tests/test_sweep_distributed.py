@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,10 @@ import pytest
 
 pa = pytest.importorskip("pyarrow")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import multiproc as MP  # noqa: E402
+
 BT = 256
 WORDS = "the capital of France is Paris and Germany Berlin one two three plus is called simply a city".split()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -48,23 +42,11 @@ def test_two_processes_equal_one(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "two"
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
+    cmd = ["-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
            "--out", str(out), "--lens", "norm,raw", "--batch-tokens", str(BT), "--window", "8", "--buckets", "32",
-           "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--quiet"]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    try:
-        res = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (o, e) in zip(procs, res):
-        assert p.returncode == 0, e[-4000:]
+           "--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{MP.free_port()}", "--num-processes", "2",
+           "--quiet"]
+    MP.finish(MP.launch(cmd), timeout=240)
     one = jaxlens.sweep("demo", str(prompts), None, lenses="norm,raw", batch_tokens=BT, window=8, buckets=[32],
                         progress=False)
 
@@ -207,16 +189,8 @@ def test_mesh_rows_bucket_invariant(tmp_path):
 # kill -9, then --resume with another number of processes
 
 
-CLUSTER_VARS = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_WORKER", "MEGASCALE_", "JAX_COORDINATOR")
-
-
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}      # no cluster around
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLENS_COMPILE_CACHE="off",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.update(extra)
-    return env
+    return MP.env(4, **extra)                  # no cluster variables around unless ``extra`` sets them
 
 
 def _sweep_cli(args, env):
@@ -245,14 +219,7 @@ def _kill_when_done(procs, manifest, windows, timeout=240) -> None:
 
 
 def _wait_ok(procs, timeout=240) -> None:
-    try:
-        res = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, e) in zip(procs, res):
-        assert p.returncode == 0, e[-4000:]
+    MP.finish(procs, timeout)
 
 
 def _resume_prompts(tmp_path, n=16):
@@ -314,7 +281,7 @@ def test_resume_two_processes_with_one(tmp_path):
     out = tmp_path / "out"
     common = ["--model", "demo", "--prompts", prompts, "--out", str(out), "--lens", "norm,raw", "--batch-tokens",
               str(BT), "--window", "2", "--buckets", "32", "--quiet"]
-    port = _free_port()
+    port = MP.free_port()
     dist = ["--mesh", "data=1,fsdp=2,tensor=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [_sweep_cli(common + dist + ["--process-id", str(i)], _env()) for i in range(2)]
     _kill_when_done(procs, out / "demo" / "manifest.json", 2)
@@ -351,7 +318,7 @@ def test_resume_one_process_with_two_found_by_distributed_auto(tmp_path):
 
     first = list(read_manifest(out / "demo")["windows_done"])
     assert 2 <= len(first) < 8
-    port = str(_free_port())
+    port = str(MP.free_port())
     slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", JAX_COORDINATOR_PORT=port)
     procs = [_sweep_cli(common + ["--resume", "--mesh", "data=2,fsdp=2,tensor=2", "--distributed", "auto"],
                         _env(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **slurm)) for i in range(2)]
