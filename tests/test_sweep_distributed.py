@@ -32,15 +32,21 @@ BT = 256
 WORDS = "the capital of France is Paris and Germany Berlin one two three plus is called simply a city".split()
 
 
+def _write_prompts(path, *, seed: int, n: int, max_words: int, prefix: str) -> list:
+    """n seeded prompts of 2..max_words-1 words (ids prefix0..), each with an answer, written as JSONL."""
+    rng = np.random.default_rng(seed)
+    rows = [{"id": f"{prefix}{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, max_words)))),
+             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def test_two_processes_equal_one(tmp_path):
     import jaxlens
     from jaxlens.sweep import read_manifest, read_table
 
-    rng = np.random.default_rng(11)
-    rows = [{"id": f"q{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))),
-             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(20)]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_prompts(prompts, seed=11, n=20, max_words=20, prefix="q")
     out = tmp_path / "two"
     cmd = ["-m", "jaxlens.cli", "sweep", "--model", "demo", "--prompts", str(prompts),
            "--out", str(out), "--lens", "norm,raw", "--batch-tokens", str(BT), "--window", "8", "--buckets", "32",
@@ -124,11 +130,8 @@ def test_mesh_with_tuned_and_prism_equals_one_device(tmp_path):
     model = jaxlens.load_model("demo")
     prism_dir = str(tmp_path / "prism")
     fit_prism(model, prism_dir, tokens=512, reservoir=256, progress=False, log=lambda m: None)
-    rng = np.random.default_rng(0)
-    rows = [{"id": f"q{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, 30)))),
-             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(12)]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_prompts(prompts, seed=0, n=12, max_words=30, prefix="q")
     kw = dict(lenses="norm,logit", tuned=DEMO_TUNED_LENS_DIR, prism=prism_dir, batch_tokens=BT, window=8,
               positions="all", progress=False)
     one = jaxlens.sweep("demo", str(prompts), None, **kw)
@@ -160,11 +163,8 @@ def test_mesh_rows_bucket_invariant(tmp_path):
     import jaxlens
     from jaxlens.models.loader import DEMO_TUNED_LENS_DIR
 
-    rng = np.random.default_rng(2)
-    rows = [{"id": f"b{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, 12)))),
-             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(20)]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = _write_prompts(prompts, seed=2, n=20, max_words=12, prefix="b")
     alone = tmp_path / "alone.jsonl"
     alone.write_text(json.dumps(rows[4]) + "\n")
     kw = dict(lenses="norm,raw", tuned=DEMO_TUNED_LENS_DIR, mesh="data=2,fsdp=2,tensor=2", batch_tokens=8192,
@@ -223,11 +223,8 @@ def _wait_ok(procs, timeout=240) -> None:
 
 
 def _resume_prompts(tmp_path, n=16):
-    rng = np.random.default_rng(5)
-    rows = [{"id": f"r{i}", "prompt": " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))),
-             "answer": str(rng.choice(["Paris", "Berlin", "two"]))} for i in range(n)]
     p = tmp_path / "p.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_prompts(p, seed=5, n=n, max_words=20, prefix="r")
     return str(p)
 
 

@@ -45,7 +45,7 @@ from jaxlens.errors import JaxlensError
 from jaxlens.lens.tuned import LAYER_CONVENTIONS, THETA_INIT, FullRankLens, LowRankLens, NormSpec, fullrank_translate, lowrank_translate, reference_rank, save_lens, softplus_temperature
 
 from . import data as data_mod
-from .loss import DEFAULT_CHUNK, stream_ce
+from .loss import DEFAULT_CHUNK, vocab_parallel_ce
 
 F32 = jnp.float32
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
@@ -336,14 +336,10 @@ def _norm_table(spec, params):
     return table, np.arange(n + 1) == n
 
 
-def _rows(plan: Plan, spec, lp, mp, res, layers, w_layer_sharding=None):
+def _rows(plan: Plan, spec, lp, mp, res, layers, w_layer_sharding):
     """Student rows [R, N, d] (fp32) and inverse temperatures [R] (or None) for raw residuals res [R, N, d]
     at jaxlens layers ``layers`` (traced int [R])."""
     if plan.family == "tuned-lens":
-        if w_layer_sharding is None:
-            y = fullrank_translate(lp["W"], lp["b"], res, layers, jnp.ones(layers.shape, bool))
-            return apply_norm(spec, mp["final_norm"], y), None
-
         def one(_, inp):                            # every layer in order, one layer's W gathered at a time
             W_l, b_l, h_l = inp
             W_l = jax.lax.with_sharding_constraint(W_l, w_layer_sharding)   # its cotangent: reduce-scattered
@@ -502,10 +498,6 @@ def build_step(model, plan: Plan, optimizer, mesh, lp_sharding: dict, opt_shardi
             return loss, (kl_sum, ce_sum, cnt, jnp.where(gi == 0, jnp.sum(H), 0.0))
 
         vg = jax.value_and_grad(group_loss, has_aux=True)
-        if ng == 1:
-            (loss, stats), g = vg(lp, jnp.int32(0), res, layers)
-            return loss, stats, constrain(g, lp_sharding)
-
         def body(acc, inp):
             gi, res_g, lay_g = inp
             (loss, stats), g = vg(lp, gi, res_g, lay_g)
@@ -566,7 +558,7 @@ _STEP_CACHE: dict = {}
 def _cached_step(model, plan: Plan, optimizer, mesh, lp_sharding, opt_sharding, mp_sharding):
     """build_step, reused across runs in one process with the same spec, plan and mesh (no recompile)."""
     key = (model.spec, json.dumps(plan.as_dict(), sort_keys=True), tuple(d.id for d in mesh.devices.flat),
-           tuple(mesh.shape.items()), str(jax.tree.leaves(mp_sharding)[:1]))
+           tuple(mesh.shape.items()), tuple(jax.tree.leaves(mp_sharding)))
     if key not in _STEP_CACHE:
         if len(_STEP_CACHE) >= 8:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))

@@ -173,7 +173,8 @@ def invert_ops(y: np.ndarray, ops, spec: ArchSpec) -> np.ndarray:
         elif isinstance(op, str) and op.startswith("in:"):
             y = y.reshape((-1,) + y.shape[2:])
         else:
-            raise JaxlensError(f"export of fused tensors ({op[0]}) is not supported for {spec.arch}")
+            raise JaxlensError(f"export of fused tensors ({op[0]}) is not supported for "
+                               f"{getattr(spec, 'arch', 'this architecture')}")
     return y
 
 

@@ -182,23 +182,15 @@ def _host_buffer(shape: tuple, dtype) -> np.ndarray:
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
-def _source_view(target: np.ndarray, ops) -> np.ndarray | None:
+def _source_view(target: np.ndarray, ops, spec=None) -> np.ndarray | None:
     """A view ``v`` of ``target`` in the checkpoint tensor's layout, such that writing a tensor ``x`` into ``v``
-    writes ``convert.apply_ops(x, ops)`` into ``target``; None where ``ops`` is not a pure relabelling
-    (slices of fused tensors) or would need a copy."""
-    v = target
-    for op in reversed(ops):
-        if op == "T":
-            v = v.T
-        elif isinstance(op, str) and op.startswith("out:"):
-            v = v.reshape(v.shape[:-2] + (-1,))
-        elif isinstance(op, str) and op.startswith("in:"):
-            v = v.reshape((-1,) + v.shape[2:])
-        else:
-            return None
-        if not np.may_share_memory(v, target):      # reshape fell back to a copy
-            return None
-    return v
+    writes ``convert.apply_ops(x, ops)`` into ``target`` (:func:`convert.invert_ops` applied to the target);
+    None where ``ops`` is not a pure relabelling (slices of fused tensors) or would need a copy."""
+    try:
+        v = convert.invert_ops(target, ops, spec)
+    except JaxlensError:                              # fused tensors: no view
+        return None
+    return v if np.may_share_memory(v, target) else None          # a reshape that fell back to a copy
 
 
 def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
@@ -222,7 +214,7 @@ def load_params(spec: ArchSpec, directory, dtype, mesh=None) -> dict:
         cache_key, cache_val = None, None
         for layer, key, ops in assign[path]:
             target = host if layer is None else host[layer]
-            view = _source_view(target, ops)
+            view = _source_view(target, ops, spec)
             if view is not None and view.shape == tuple(src.shapes[key]):
                 src.fill(key, view)
                 continue
