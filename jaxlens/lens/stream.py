@@ -385,7 +385,7 @@ def _topk_extract(z, tv, ti, id0):
             cmax.reshape(lead))
 
 
-def _stream_local(blk, W, bias, offset, cfg):
+def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
     """Partial accumulators of all local rows over one local vocab slice W [d, Vl].
 
     blk: dict with h [T, R, d] (compute dtype), optional temp [T, R], g [T, R] (final gold
@@ -397,6 +397,11 @@ def _stream_local(blk, W, bias, offset, cfg):
     s_j = min(j*Tb, T - Tb): the last block overlaps the previous one instead of padding; every
     block reads the chunk-start accumulators, so the overlap rows are recomputed to identical
     values and nothing of size T is padded or copied.
+
+    ``safe_cols`` (static): the leading local columns that are real ids on every shard (None: all
+    Vl). Chunks inside them need no mask (no overlap, no padding): they run in a first scan whose
+    logits go to the statistics unmasked (no extra [rows, C] pass); the remaining chunks (the
+    clamped last one, padded ids) run in a second scan with the mask.
     """
     h = blk["h"]
     T, R, d = h.shape
@@ -419,14 +424,17 @@ def _stream_local(blk, W, bias, offset, cfg):
         z = _dot(hb, wc, prec)  # [tb, R, C] fp32
         tmp = b.get("temp")
         if cfg.softcap is None and tmp is None:
-            z = z + (madd if bc is None else bc + madd)
+            add = bc if madd is None else (madd if bc is None else bc + madd)
+            if add is not None:
+                z = z + add
         else:
             if bc is not None:
                 z = z + bc
             z = _softcap(z, cfg.softcap)
             if tmp is not None:
                 z = z / tmp[..., None]
-            z = z + madd
+            if madd is not None:
+                z = z + madd
         new = {}
         cmax = None
         if cfg.top_k:
@@ -453,8 +461,11 @@ def _stream_local(blk, W, bias, offset, cfg):
             dm_f = (m - m_new)[:, r]  # old m_f - new m_f
             a_f = a[:, r]
             S_f = S[:, r]
-            sa = jnp.sum(e * zfc[:, None, :], axis=-1)  # sum_v e^{z-m} (z_f - m_f)
-            sb = jnp.sum(ef[:, None, :] * zc, axis=-1)  # sum_v e^{z_f-m_f} (z - m)
+            # sum_v e^{z-m} (z_f - m_f) and sum_v e^{z_f-m_f} (z - m): per token a [R, C] x [C]
+            # product (batched dots: no broadcast [rows, C] operand is built)
+            bdot = (((2,), (1,)), ((0,), (0,)))
+            sa = lax.dot_general(e, zfc, bdot, preferred_element_type=_F32)
+            sb = lax.dot_general(zc, ef, bdot, preferred_element_type=_F32)
             new["Ac"] = a * (acc["Ac"] + dm_f[:, None] * S) + sa
             new["Bc"] = a_f[:, None] * (acc["Bc"] + (m - m_new) * S_f[:, None]) + sb
         if cfg.has_gold:
@@ -471,13 +482,16 @@ def _stream_local(blk, W, bias, offset, cfg):
             new["cnt"] = acc["cnt"] + gt - selfc
         return new
 
-    def chunk_step(acc, i):
+    def chunk_step(acc, i, masked):
         lo = i * C  # first column not yet seen
         start = jnp.minimum(lo, Vl - C)  # the last chunk is clamped inside W (no padding)
-        wc = lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt)
-        lcol = start + col_iota
-        valid = (lcol >= lo) & (lcol + offset < cfg.vocab)
-        madd = jnp.where(valid, 0.0, NEG).astype(_F32)
+        # sliced once per chunk (the barrier keeps XLA from re-slicing W in every token block)
+        wc = lax.optimization_barrier(lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt))
+        madd = None
+        if masked:
+            lcol = start + col_iota
+            valid = (lcol >= lo) & (lcol + offset < cfg.vocab)
+            madd = jnp.where(valid, 0.0, NEG).astype(_F32)
         bc = None
         if cfg.has_bias:
             bc = lax.dynamic_slice_in_dim(bias, start, C).astype(_F32)
@@ -497,8 +511,12 @@ def _stream_local(blk, W, bias, offset, cfg):
 
         return lax.fori_loop(0, nb, body, acc), None
 
-    acc0 = _init_acc(T, R, cfg)
-    acc, _ = lax.scan(chunk_step, acc0, jnp.arange(n_chunks, dtype=jnp.int32), unroll=cfg.unroll)
+    n_free = min(Vl, Vl if safe_cols is None else safe_cols) // C  # chunks that need no mask
+    acc = _init_acc(T, R, cfg)
+    for lo_i, hi_i, masked in ((0, n_free, False), (n_free, n_chunks, True)):
+        if hi_i > lo_i:
+            acc, _ = lax.scan(functools.partial(chunk_step, masked=masked), acc,
+                              jnp.arange(lo_i, hi_i, dtype=jnp.int32), unroll=cfg.unroll)
     return acc
 
 
@@ -621,7 +639,9 @@ def _local_stats(args, cfg, vocab_axis):
             g = g / args["temp"]
         blk.update(g=g, gcol=lc, gown=own)
 
-    acc = _stream_local(blk, W, bias, offset, cfg)
+    # leading local columns that are real ids on every shard (padding sits at the global end)
+    safe = min(Vl, cfg.vocab - (Vl * (1 if vocab_axis is None else lax.axis_size(vocab_axis)) - Vl))
+    acc = _stream_local(blk, W, bias, offset, cfg, safe_cols=max(0, safe))
     if vocab_axis is not None:
         acc = _combine(acc, vocab_axis, cfg)
     return _finalize(acc, g, gvalid, cfg)
