@@ -302,6 +302,35 @@ def test_vocab_parallel_all_padding_shards_and_ties():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_vocab_major_w_equals_dv_w():
+    # W given as [V, d] (a tied embedding as stored): the same chunks, so the same numbers bit for
+    # bit; V=1000 with chunk 64 ends in a clamped, masked chunk
+    case = make_case(12, T=13, R=3, d=32, V=1000, bias=True)
+    kw = dict(top_k=10, chunk=64, softcap=6.0, **case)
+    ref = S.stream_stats(**kw)
+    got = S.stream_stats(**{**kw, "W": np.ascontiguousarray(case["W"].T)}, vocab_major=True)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    dense = S.dense_stats(**{**kw, "W": case["W"].T}, vocab_major=True)
+    assert_stats_close(got, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[V, d\]"):
+        S.stream_stats(**kw, vocab_major=True)  # a [d, V] W with the flag is refused
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_vocab_major_vocab_parallel_padding_shards():
+    rng = np.random.default_rng(9)
+    h = rng.integers(-1, 2, size=(4, 2, 4)).astype(np.float32)
+    W = rng.integers(-1, 2, size=(4, 20)).astype(np.float32)
+    gold = np.array([0, 5, 10, 19], np.int32)
+    ref = numpy_reference(top_k=6, h=h, W=W, teacher_h=h[:, 0], gold=gold)
+    got = S.stream_stats(h, np.ascontiguousarray(W.T), teacher_h=h[:, 0], gold=gold, top_k=6, chunk=2,
+                         mesh=_mesh((8,), ("v",), AxisType.Auto), vocab_axis="v", vocab_major=True)
+    np.testing.assert_array_equal(got["top_ids"], ref["top_ids"])
+    np.testing.assert_array_equal(got["gold_rank"], ref["gold_rank"])
+    np.testing.assert_allclose(got["entropy_bits"], ref["entropy_bits"], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # memory: never [T, R, V]
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.lens import stream
-from jaxlens.models.decoder import apply_norm, head, unembedding
+from jaxlens.models.decoder import apply_norm, head, unembedding, unembedding_stored
 from jaxlens.errors import JaxlensError
 from jaxlens.lens import pairwise as PW
 
@@ -233,10 +233,18 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
     h = jnp.transpose(rows, (1, 2, 0, 3)).reshape(B * P, R, -1)                 # token-major [B*P, R, d]
     last = jnp.take_along_axis(fw.residuals[spec.n_layers], jnp.asarray(pos)[:, :, None], axis=1)
     teacher = apply_norm(spec, model.params["final_norm"], last).reshape(B * P, -1)
-    W, bias = unembedding(spec, model.params)
+    # the head as stored (a tied embedding stays [V, d]: no transposed copy of it per call)
+    Ws, bias, vocab_major = unembedding_stored(spec, model.params)
     if unembed_dtype is not None:
-        W = W.astype(unembed_dtype)
+        Ws = Ws.astype(unembed_dtype)
         bias = None if bias is None else bias.astype(unembed_dtype)
+    W = None  # [d, V], only built for the paths that need it (dense oracle, gathers, cosine)
+
+    def W_dv():
+        nonlocal W
+        if W is None:
+            W = jnp.transpose(Ws) if vocab_major else Ws
+        return W
     temp = _temperature(lens, layers)
     # norm / logit lens: the last selected row already is the teacher (final norm of layer n), so the
     # kernel reuses it instead of decoding an extra row (and that row's KL is exactly 0)
@@ -245,9 +253,10 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
     kw = dict(bias=bias, softcap=spec.final_softcap, temperature=temp, **teach,
               gold=_gold_rows(gold_ids, pos, B), top_k=int(top_k))
     if dense:
-        out = stream.dense_stats(h, W, **kw)
+        out = stream.dense_stats(h, W_dv(), **kw)
     else:
-        out = stream.stream_stats(h, W, chunk=chunk, mesh=mesh, row_axis=row_axis, vocab_axis=vocab_axis, **kw)
+        out = stream.stream_stats(h, Ws, chunk=chunk, mesh=mesh, row_axis=row_axis, vocab_axis=vocab_axis,
+                                  vocab_major=vocab_major, **kw)
 
     def back(x):  # [B*P, R, ...] -> [R, B, P, ...]
         x = x.reshape((B, P, R) + x.shape[2:])
@@ -259,11 +268,11 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         if gid.ndim != 2 or gid.shape[0] != B:
             raise JaxlensError(f"gather_ids must be [B={B}, S]; got shape {gid.shape}")
         gid = np.repeat(gid, P, axis=0)                                          # [B*P, S]
-        gathered = back(PW.gather_logits(h, W, gid, bias, spec.final_softcap, temp))
+        gathered = back(PW.gather_logits(h, W_dv(), gid, bias, spec.final_softcap, temp))
     cos = None
     if cosine:
         logits = jnp.take_along_axis(fw.logits, jnp.asarray(pos)[:, :, None], axis=1)   # [B, P, V]
-        cos = cosine_to_final(model, rows, logits, W, bias)
+        cos = cosine_to_final(model, rows, logits, W_dv(), bias)
     return LensStats(
         layers=layers, positions=pos, valid=valid,
         entropy_bits=back(out["entropy_bits"]), kl_to_final_bits=back(out["kl_to_final_bits"]),

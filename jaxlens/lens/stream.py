@@ -122,6 +122,7 @@ class _Cfg(NamedTuple):
     topk_group: Any  # merge method: None = auto; int or tuple of group sizes
     topk_method: str = "merge"  # "extract" (threshold extraction) or "merge" (per-chunk top_k)
     block_unroll: int = 1  # token blocks per iteration of the block loop
+    vocab_major: bool = False  # W is given as [V, d] (embedding / lm_head layout), not [d, V]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +392,14 @@ def _topk_extract(z, tv, ti, id0):
             cmax.reshape(lead))
 
 
+def _w_cols(W, start, C, vocab_major):
+    """Columns [start, start + C) of the unembedding as a [d, C] block (W [d, V], or [V, d] when
+    ``vocab_major``: then C contiguous rows are sliced and transposed, a chunk-sized copy)."""
+    if vocab_major:
+        return jnp.transpose(lax.dynamic_slice_in_dim(W, start, C, axis=0))
+    return lax.dynamic_slice_in_dim(W, start, C, axis=1)
+
+
 def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
     """Partial accumulators of all local rows over one local vocab slice W [d, Vl].
 
@@ -411,7 +420,7 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
     """
     h = blk["h"]
     T, R, d = h.shape
-    Vl = W.shape[1]
+    Vl = W.shape[0 if cfg.vocab_major else 1]
     C = min(cfg.chunk, Vl)
     n_chunks = -(-Vl // C)
     cdt = h.dtype
@@ -492,7 +501,8 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
         lo = i * C  # first column not yet seen
         start = jnp.minimum(lo, Vl - C)  # the last chunk is clamped inside W (no padding)
         # sliced once per chunk (the barrier keeps XLA from re-slicing W in every token block)
-        wc = lax.optimization_barrier(lax.dynamic_slice_in_dim(W, start, C, axis=1).astype(cdt))
+        wc = _w_cols(W, start, C, cfg.vocab_major)
+        wc = lax.optimization_barrier(wc.astype(cdt))
         madd = None
         if masked:
             lcol = start + col_iota
@@ -622,7 +632,7 @@ def _local_stats(args, cfg, vocab_axis):
     W = args["W"]
     bias = args.get("bias")
     T, R, _ = h.shape
-    Vl = W.shape[1]
+    Vl = W.shape[0 if cfg.vocab_major else 1]
     offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * Vl
     blk = {"h": h}
     if cfg.has_temp:
@@ -634,7 +644,8 @@ def _local_stats(args, cfg, vocab_axis):
         lc = gold - offset
         own = gvalid & (lc >= 0) & (lc < Vl)
         lcc = jnp.clip(lc, 0, Vl - 1)
-        graw = _gold_dot(h, jnp.take(W, lcc, axis=1).astype(h.dtype), cfg.precision)
+        wg = jnp.take(W, lcc, axis=0).T if cfg.vocab_major else jnp.take(W, lcc, axis=1)
+        graw = _gold_dot(h, wg.astype(h.dtype), cfg.precision)
         graw = jnp.where(own[:, None], graw, 0.0)
         if cfg.has_bias:
             graw = graw + jnp.where(own, jnp.take(bias, lcc).astype(_F32), 0.0)[:, None]
@@ -657,7 +668,8 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
     if mesh is None:
         return _local_stats(args, cfg, None)
     T = args["h"].shape[0]
-    V = args["W"].shape[1]
+    vaxis = 0 if cfg.vocab_major else 1
+    V = args["W"].shape[vaxis]
     nr = mesh.shape[row_axis] if row_axis is not None else 1
     nv = mesh.shape[vocab_axis] if vocab_axis is not None else 1
     args = dict(args)
@@ -670,7 +682,7 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
                 args[key] = jnp.pad(x, [(0, padT)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     padV = (-V) % nv
     if padV:
-        args["W"] = jnp.pad(args["W"], ((0, 0), (0, padV)))
+        args["W"] = jnp.pad(args["W"], ((0, padV), (0, 0)) if vaxis == 0 else ((0, 0), (0, padV)))
         if "bias" in args:
             args["bias"] = jnp.pad(args["bias"], (0, padV))
     if nr > 1 or nv > 1:
@@ -678,7 +690,7 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
     rspec = row_axis
     specs = {
         "h": P(rspec),
-        "W": P(None, vocab_axis),
+        "W": P(vocab_axis, None) if vaxis == 0 else P(None, vocab_axis),
         "bias": P(vocab_axis),
         "temp": P(rspec),
         "gold": P(rspec),
@@ -738,7 +750,7 @@ def _stream_jit(args, cfg, mesh, vocab_axis, row_axis):
 # public API
 
 
-def _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row=None):
+def _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row=None, vocab_major=False):
     """Validate / normalise shapes. Returns (args dict, squeeze_R flag)."""
     h = jnp.asarray(h)
     W = jnp.asarray(W)
@@ -748,9 +760,14 @@ def _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row=None):
     if h.ndim != 3:
         raise ValueError(f"h must be [T, R, d] or [T, d]; got shape {h.shape}")
     T, R, d = h.shape
-    if W.ndim != 2 or W.shape[0] != d:
-        raise ValueError(f"W must be [d, V] with d={d}; got shape {W.shape}")
-    V = W.shape[1]
+    if vocab_major:
+        if W.ndim != 2 or W.shape[1] != d:
+            raise ValueError(f"W must be [V, d] with d={d} (vocab_major=True); got shape {W.shape}")
+        V = W.shape[0]
+    else:
+        if W.ndim != 2 or W.shape[0] != d:
+            raise ValueError(f"W must be [d, V] with d={d}; got shape {W.shape}")
+        V = W.shape[1]
     if not 0 <= int(top_k) <= V:
         raise ValueError(f"top_k={top_k} must lie in [0, V={V}]")
     cdt = _compute_dtype(h, W)
@@ -815,13 +832,16 @@ def stream_stats(
     unroll: int = 1,
     topk_group=None,
     topk_method: Optional[str] = None,
+    vocab_major: bool = False,
 ) -> dict:
     """Streaming softmax statistics of every lens row, in one pass over vocabulary chunks.
 
     Args:
       h: [T, R, d] lens rows, token-major (or [T, d] = one row per token; outputs then [T, ...]).
         Compute dtype (fp32 / bf16 / fp16); the GEMM accumulates in fp32.
-      W: [d, V] unembedding (compute dtype or fp32; the operands are promoted to a common dtype).
+      W: [d, V] unembedding (compute dtype or fp32; the operands are promoted to a common dtype),
+        or [V, d] with ``vocab_major=True`` (a tied embedding / an lm_head as stored: no
+        transposed copy of the whole matrix is made, each chunk's rows are sliced instead).
       bias: optional [V] output bias.
       softcap: optional final-logit softcap c (z <- c*tanh(z/c)), applied after the bias.
       temperature: optional scalar, [R] or [T, R]; lens logits are divided by it after the
@@ -857,9 +877,9 @@ def stream_stats(
       ``teacher_lse`` [T], ``teacher_entropy_bits`` [T]; with gold: ``gold_rank``, ``gold_prob``,
       ``gold_logit``; with top_k: ``top_ids``, ``top_probs``.
     """
-    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row)
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row, vocab_major)
     T, R, _ = args["h"].shape
-    V = args["W"].shape[1]
+    V = args["W"].shape[0 if vocab_major else 1]
     if (vocab_axis is not None or row_axis is not None) and mesh is None:
         raise ValueError("vocab_axis / row_axis need a mesh")
     if mesh is not None:
@@ -900,6 +920,7 @@ def stream_stats(
         topk_group=topk_group,
         topk_method=topk_method,
         block_unroll=CPU_BLOCK_UNROLL if _platform(mesh) == "cpu" else ACCEL_BLOCK_UNROLL,
+        vocab_major=bool(vocab_major),
     )
     out = _stream_jit(args, cfg, mesh, vocab_axis, row_axis)
     return _squeeze_out(out, squeeze)
@@ -926,6 +947,7 @@ def dense_stats(
     unroll: int = 1,
     topk_group=None,
     topk_method=None,
+    vocab_major: bool = False,
 ) -> dict:
     """Dense oracle of :func:`stream_stats` (same signature and outputs) from full logits.
 
@@ -933,7 +955,9 @@ def dense_stats(
     mesh arguments are accepted and ignored.
     """
     del chunk, token_block, block_elems, mesh, vocab_axis, row_axis, unroll, topk_group, topk_method
-    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row)
+    args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row, vocab_major)
+    if vocab_major:
+        args["W"] = jnp.transpose(args["W"])
     if teacher_row is not None:
         args["teacher"] = args["h"][:, int(teacher_row)]
     out = _dense_jit(args, int(top_k), None if softcap is None else float(softcap), precision)

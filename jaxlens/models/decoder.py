@@ -261,6 +261,17 @@ def unembedding(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Array | No
     return W, params.get("lm_head_bias")
 
 
+def unembedding_stored(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Array | None, bool]:
+    """(W, bias, vocab_major): the output head as stored, without a transposed copy.
+
+    vocab_major is True for a tied embedding (W [V, d]), False for an lm_head (W [d, V]); the
+    streaming decode takes either (``stream_stats(..., vocab_major=)``).
+    """
+    if spec.tie_embeddings:
+        return params["embed"], params.get("lm_head_bias"), True
+    return params["lm_head"], params.get("lm_head_bias"), False
+
+
 def head(spec: ArchSpec, params: dict, h_normed, W=None, bias=None) -> jax.Array:
     """Model head on final-normed residuals: unembed, bias, final softcap; float32 logits."""
     if W is None:
