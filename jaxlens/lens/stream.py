@@ -32,7 +32,11 @@ row's, and per token only Ac = sum e^{z-m}(z_f-m_f) and Bc = sum e^{z_f-m_f}(z-m
 
 Loops: a lax.scan over vocab chunks (each W chunk is sliced once) around a fori_loop over token
 blocks of T_b tokens (T_b*R*C <= block_elems, so the [T_b*R, C] fp32 block stays cache-sized on
-CPU); every block is one GEMM with all its rows folded into M.
+CPU); every block is one GEMM with all its rows folded into M. The chunks that hold only real ids
+run in a first scan without a mask; the clamped last chunk (and padded vocab shards) in a second,
+masked one. On CPU the block loop is unrolled 3 blocks per iteration, so XLA's thunk executor
+overlaps one block's top-k loop with the next block's GEMM. W may be given as [d, V] or, with
+``vocab_major``, as stored in a tied embedding ([V, d]; each chunk's rows are sliced).
 
 Top-k (exact, ties by the lower id; a sorted running [k] buffer per row, memory independent of V):
 
