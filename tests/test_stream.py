@@ -285,16 +285,19 @@ def test_sharded_equals_single_device(axis_type):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-def test_vocab_parallel_all_padding_shards_and_ties():
-    # V=20 over 8 shards of 3 columns: shards 6-7 hold padding only; ties cross shards
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_vocab_parallel_all_padding_shards_and_ties(vocab_major):
+    # V=20 over 8 shards of 3 columns: shards 6-7 hold padding only; ties cross shards; W also as
+    # stored in a tied embedding ([V, d], vocab_major)
     rng = np.random.default_rng(9)
     h = rng.integers(-1, 2, size=(4, 2, 4)).astype(np.float32)
     W = rng.integers(-1, 2, size=(4, 20)).astype(np.float32)
     gold = np.array([0, 5, 10, 19], np.int32)
     case = dict(h=h, W=W, teacher_h=h[:, 0], gold=gold)
     ref = numpy_reference(top_k=6, **case)
+    Wk = np.ascontiguousarray(W.T) if vocab_major else W
     got = S.stream_stats(top_k=6, chunk=2, mesh=_mesh((8,), ("v",), AxisType.Auto),
-                         vocab_axis="v", **case)
+                         vocab_axis="v", vocab_major=vocab_major, **{**case, "W": Wk})
     np.testing.assert_array_equal(got["top_ids"], ref["top_ids"])
     np.testing.assert_array_equal(got["gold_rank"], ref["gold_rank"])
     np.testing.assert_allclose(got["entropy_bits"], ref["entropy_bits"], rtol=1e-5, atol=1e-6)
@@ -315,20 +318,6 @@ def test_vocab_major_w_equals_dv_w():
     assert_stats_close(got, dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[V, d\]"):
         S.stream_stats(**kw, vocab_major=True)  # a [d, V] W with the flag is refused
-
-
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-def test_vocab_major_vocab_parallel_padding_shards():
-    rng = np.random.default_rng(9)
-    h = rng.integers(-1, 2, size=(4, 2, 4)).astype(np.float32)
-    W = rng.integers(-1, 2, size=(4, 20)).astype(np.float32)
-    gold = np.array([0, 5, 10, 19], np.int32)
-    ref = numpy_reference(top_k=6, h=h, W=W, teacher_h=h[:, 0], gold=gold)
-    got = S.stream_stats(h, np.ascontiguousarray(W.T), teacher_h=h[:, 0], gold=gold, top_k=6, chunk=2,
-                         mesh=_mesh((8,), ("v",), AxisType.Auto), vocab_axis="v", vocab_major=True)
-    np.testing.assert_array_equal(got["top_ids"], ref["top_ids"])
-    np.testing.assert_array_equal(got["gold_rank"], ref["gold_rank"])
-    np.testing.assert_allclose(got["entropy_bits"], ref["entropy_bits"], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

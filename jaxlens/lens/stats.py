@@ -238,13 +238,8 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
     if unembed_dtype is not None:
         Ws = Ws.astype(unembed_dtype)
         bias = None if bias is None else bias.astype(unembed_dtype)
-    W = None  # [d, V], only built for the paths that need it (dense oracle, gathers, cosine)
-
-    def W_dv():
-        nonlocal W
-        if W is None:
-            W = jnp.transpose(Ws) if vocab_major else Ws
-        return W
+    # [d, V], built only for the paths that need it (dense oracle, gathers, cosine)
+    W = (Ws.T if vocab_major else Ws) if (dense or gather_ids is not None or cosine) else None
     temp = _temperature(lens, layers)
     # norm / logit lens: the last selected row already is the teacher (final norm of layer n), so the
     # kernel reuses it instead of decoding an extra row (and that row's KL is exactly 0)
@@ -253,7 +248,7 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
     kw = dict(bias=bias, softcap=spec.final_softcap, temperature=temp, **teach,
               gold=_gold_rows(gold_ids, pos, B), top_k=int(top_k))
     if dense:
-        out = stream.dense_stats(h, W_dv(), **kw)
+        out = stream.dense_stats(h, W, **kw)
     else:
         out = stream.stream_stats(h, Ws, chunk=chunk, mesh=mesh, row_axis=row_axis, vocab_axis=vocab_axis,
                                   vocab_major=vocab_major, **kw)
@@ -268,11 +263,11 @@ def lens_stats(model, fw, lens="norm", gold_ids=None, top_k: int = 20, *, positi
         if gid.ndim != 2 or gid.shape[0] != B:
             raise JaxlensError(f"gather_ids must be [B={B}, S]; got shape {gid.shape}")
         gid = np.repeat(gid, P, axis=0)                                          # [B*P, S]
-        gathered = back(PW.gather_logits(h, W_dv(), gid, bias, spec.final_softcap, temp))
+        gathered = back(PW.gather_logits(h, W, gid, bias, spec.final_softcap, temp))
     cos = None
     if cosine:
         logits = jnp.take_along_axis(fw.logits, jnp.asarray(pos)[:, :, None], axis=1)   # [B, P, V]
-        cos = cosine_to_final(model, rows, logits, W_dv(), bias)
+        cos = cosine_to_final(model, rows, logits, W, bias)
     return LensStats(
         layers=layers, positions=pos, valid=valid,
         entropy_bits=back(out["entropy_bits"]), kl_to_final_bits=back(out["kl_to_final_bits"]),

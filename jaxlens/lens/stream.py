@@ -396,15 +396,23 @@ def _topk_extract(z, tv, ti, id0):
             cmax.reshape(lead))
 
 
+def _vocab_axis(vocab_major):
+    """The vocabulary axis of W: 0 for [V, d] (``vocab_major``), 1 for [d, V]."""
+    return 0 if vocab_major else 1
+
+
 def _w_cols(W, start, C, vocab_major):
     """Columns [start, start + C) of the unembedding as a [d, C] block (W [d, V], or [V, d] when
     ``vocab_major``: then C contiguous rows are sliced and transposed, a chunk-sized copy)."""
-    if vocab_major:
-        return jnp.transpose(lax.dynamic_slice_in_dim(W, start, C, axis=0))
-    return lax.dynamic_slice_in_dim(W, start, C, axis=1)
+    w = lax.dynamic_slice_in_dim(W, start, C, axis=_vocab_axis(vocab_major))
+    return jnp.transpose(w) if vocab_major else w
 
 
-def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
+def _plus(z, x):
+    return z if x is None else z + x
+
+
+def _stream_local(blk, W, bias, offset, cfg, safe_cols):
     """Partial accumulators of all local rows over one local vocab slice W [d, Vl].
 
     blk: dict with h [T, R, d] (compute dtype), optional temp [T, R], g [T, R] (final gold
@@ -417,14 +425,13 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
     block reads the chunk-start accumulators, so the overlap rows are recomputed to identical
     values and nothing of size T is padded or copied.
 
-    ``safe_cols`` (static): the leading local columns that are real ids on every shard (None: all
-    Vl). Chunks inside them need no mask (no overlap, no padding): they run in a first scan whose
+    ``safe_cols`` (static): the leading local columns that are real ids on every shard. Chunks inside them need no mask (no overlap, no padding): they run in a first scan whose
     logits go to the statistics unmasked (no extra [rows, C] pass); the remaining chunks (the
     clamped last one, padded ids) run in a second scan with the mask.
     """
     h = blk["h"]
     T, R, d = h.shape
-    Vl = W.shape[0 if cfg.vocab_major else 1]
+    Vl = W.shape[_vocab_axis(cfg.vocab_major)]
     C = min(cfg.chunk, Vl)
     n_chunks = -(-Vl // C)
     cdt = h.dtype
@@ -442,18 +449,10 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
         tb = hb.shape[0]
         z = _dot(hb, wc, prec)  # [tb, R, C] fp32
         tmp = b.get("temp")
-        if cfg.softcap is None and tmp is None:
-            add = bc if madd is None else (madd if bc is None else bc + madd)
-            if add is not None:
-                z = z + add
-        else:
-            if bc is not None:
-                z = z + bc
-            z = _softcap(z, cfg.softcap)
-            if tmp is not None:
-                z = z / tmp[..., None]
-            if madd is not None:
-                z = z + madd
+        z = _softcap(_plus(z, bc), cfg.softcap)
+        if tmp is not None:
+            z = z / tmp[..., None]
+        z = _plus(z, madd)
         new = {}
         cmax = None
         if cfg.top_k:
@@ -531,7 +530,7 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols=None):
 
         return lax.fori_loop(0, nb, body, acc, unroll=max(1, min(cfg.block_unroll, nb))), None
 
-    n_free = min(Vl, Vl if safe_cols is None else safe_cols) // C  # chunks that need no mask
+    n_free = min(Vl, safe_cols) // C  # chunks that need no mask
     acc = _init_acc(T, R, cfg)
     for lo_i, hi_i, masked in ((0, n_free, False), (n_free, n_chunks, True)):
         if hi_i > lo_i:
@@ -636,7 +635,7 @@ def _local_stats(args, cfg, vocab_axis):
     W = args["W"]
     bias = args.get("bias")
     T, R, _ = h.shape
-    Vl = W.shape[0 if cfg.vocab_major else 1]
+    Vl = W.shape[_vocab_axis(cfg.vocab_major)]
     offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * Vl
     blk = {"h": h}
     if cfg.has_temp:
@@ -648,7 +647,8 @@ def _local_stats(args, cfg, vocab_axis):
         lc = gold - offset
         own = gvalid & (lc >= 0) & (lc < Vl)
         lcc = jnp.clip(lc, 0, Vl - 1)
-        wg = jnp.take(W, lcc, axis=0).T if cfg.vocab_major else jnp.take(W, lcc, axis=1)
+        wg = jnp.take(W, lcc, axis=_vocab_axis(cfg.vocab_major))
+        wg = wg.T if cfg.vocab_major else wg  # [d, T]
         graw = _gold_dot(h, wg.astype(h.dtype), cfg.precision)
         graw = jnp.where(own[:, None], graw, 0.0)
         if cfg.has_bias:
@@ -661,8 +661,9 @@ def _local_stats(args, cfg, vocab_axis):
         blk.update(g=g, gcol=lc, gown=own)
 
     # leading local columns that are real ids on every shard (padding sits at the global end)
-    safe = min(Vl, cfg.vocab - (Vl * (1 if vocab_axis is None else lax.axis_size(vocab_axis)) - Vl))
-    acc = _stream_local(blk, W, bias, offset, cfg, safe_cols=max(0, safe))
+    nv = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
+    safe = max(0, min(Vl, cfg.vocab - (nv - 1) * Vl))
+    acc = _stream_local(blk, W, bias, offset, cfg, safe_cols=safe)
     if vocab_axis is not None:
         acc = _combine(acc, vocab_axis, cfg)
     return _finalize(acc, g, gvalid, cfg)
@@ -672,7 +673,7 @@ def _run(args, cfg, mesh, vocab_axis, row_axis):
     if mesh is None:
         return _local_stats(args, cfg, None)
     T = args["h"].shape[0]
-    vaxis = 0 if cfg.vocab_major else 1
+    vaxis = _vocab_axis(cfg.vocab_major)
     V = args["W"].shape[vaxis]
     nr = mesh.shape[row_axis] if row_axis is not None else 1
     nv = mesh.shape[vocab_axis] if vocab_axis is not None else 1
@@ -883,7 +884,7 @@ def stream_stats(
     """
     args, squeeze = _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row, vocab_major)
     T, R, _ = args["h"].shape
-    V = args["W"].shape[0 if vocab_major else 1]
+    V = args["W"].shape[_vocab_axis(vocab_major)]
     if (vocab_axis is not None or row_axis is not None) and mesh is None:
         raise ValueError("vocab_axis / row_axis need a mesh")
     if mesh is not None:

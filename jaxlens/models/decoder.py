@@ -255,12 +255,6 @@ def embed(spec: ArchSpec, params: dict, input_ids, dtype):
     return x
 
 
-def unembedding(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Array | None]:
-    """(W [d, V], bias [V] or None): the model's output head."""
-    W = params["embed"].T if spec.tie_embeddings else params["lm_head"]
-    return W, params.get("lm_head_bias")
-
-
 def unembedding_stored(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Array | None, bool]:
     """(W, bias, vocab_major): the output head as stored, without a transposed copy.
 
@@ -270,6 +264,12 @@ def unembedding_stored(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Arr
     if spec.tie_embeddings:
         return params["embed"], params.get("lm_head_bias"), True
     return params["lm_head"], params.get("lm_head_bias"), False
+
+
+def unembedding(spec: ArchSpec, params: dict) -> tuple[jax.Array, jax.Array | None]:
+    """(W [d, V], bias [V] or None): the model's output head."""
+    W, bias, vocab_major = unembedding_stored(spec, params)
+    return (W.T if vocab_major else W), bias
 
 
 def head(spec: ArchSpec, params: dict, h_normed, W=None, bias=None) -> jax.Array:
