@@ -13,7 +13,8 @@ from jaxlens.lens import cpu_kernel
 from jaxlens.lens import stream as S
 from tests.test_topk_groups import K, check, logits, oracle, planted_case
 
-needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                    reason="no C++ compiler")
 
 
 def _hlo(**kw):
@@ -51,7 +52,8 @@ def test_kernel_equals_xla_path_and_float64_oracle(chunk, ks):
     # the teacher as one of the lens rows, with a bias and per-row power-of-two temperatures
     rng = np.random.default_rng(11)
     bias = (rng.integers(-64, 64, size=1000) / 32.0).astype(np.float32)
-    got = S.stream_stats(case["h"], case["W"], bias=bias, teacher_row=-1, gold=case["gold"], top_k=K, chunk=chunk)
+    got = S.stream_stats(case["h"], case["W"], bias=bias, teacher_row=-1, gold=case["gold"], top_k=K,
+                         chunk=chunk)
     z, zf = logits(dict(case, teacher_h=case["h"][:, -1]), bias=bias)
     check(got, oracle(z, zf, case["gold"], K), K)
 
@@ -78,7 +80,7 @@ def test_fallback_when_disabled_or_the_compiler_fails(monkeypatch, tmp_path):
     assert cpu_kernel.available.__wrapped__() is False
     monkeypatch.setenv("JAXLENS_CPU_KERNEL", "1")
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    monkeypatch.setenv("JAXLENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("JAXLENS_KERNEL_CACHE", str(tmp_path))
     with pytest.warns(UserWarning, match="CPU lens kernel unavailable"):
         assert cpu_kernel.available.__wrapped__() is False
     assert list(tmp_path.iterdir()) == []  # no half-written library is left behind

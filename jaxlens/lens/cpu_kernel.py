@@ -3,10 +3,11 @@
 On XLA:CPU the streaming decode's statistics cost ~40 % of the GEMM's work at d 512 (eight separate
 [rows, C] passes and a latency-bound top-k loop; benchmarks/RESULTS.md). ``cpu_stats.cc`` (next to
 this file) does the same per-chunk update in one cache-resident pass per row, as an XLA FFI custom
-call. It is compiled here on first use with the system C++ compiler against jaxlib's FFI headers
-(``-O3 -march=native``: ~3 s, once per machine and jaxlib; cached under ``$JAXLENS_CACHE`` or
-``~/.cache/jaxlens``). Where no compiler is found, or ``JAXLENS_CPU_KERNEL=0``, ``available()`` is
-False and stream.py keeps its pure-XLA path (same statistics, same exact top-k).
+call. It is compiled on first use with the system C++ compiler against jaxlib's FFI headers
+(``-O3 -march=native``: ~3 s, once per machine and jax version) and cached under
+``$JAXLENS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/jaxlens/kernels``, else ``~/.cache/jaxlens/kernels``.
+Where no compiler is found, the build fails, or ``JAXLENS_CPU_KERNEL=0``, ``available()`` is False
+and stream.py keeps its pure-XLA path (the same top-k and ranks, statistics equal to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -27,12 +28,20 @@ import jax.numpy as jnp
 
 _SRC = Path(__file__).with_name("cpu_stats.cc")
 _TARGET = "jaxlens_chunk_stats"
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
-          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-w"]
+# no -ffast-math: the statistics keep inf / NaN semantics; reassociation lets the sums vectorise
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
+          "-fno-signed-zeros", "-fno-trapping-math", "-w"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _FLAGS.insert(2, "-mprefer-vector-width=512")  # full AVX-512 registers where the CPU has them
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("JAXLENS_CACHE") or Path.home() / ".cache" / "jaxlens")
+    """$JAXLENS_KERNEL_CACHE, else $XDG_CACHE_HOME/jaxlens/kernels, else ~/.cache/jaxlens/kernels (the
+    XLA compilation cache's neighbour, jaxlens/compile_cache.py)."""
+    env = os.environ.get("JAXLENS_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlens" / "kernels"
 
 
 def _cpu_id() -> str:
