@@ -435,7 +435,8 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols):
     block reads the chunk-start accumulators, so the overlap rows are recomputed to identical
     values and nothing of size T is padded or copied.
 
-    ``safe_cols`` (static): the leading local columns that are real ids on every shard. Chunks inside them need no mask (no overlap, no padding): they run in a first scan whose
+    ``safe_cols`` (static): the leading local columns that are real ids on every shard. Chunks
+    inside them need no mask (no overlap, no padding): they run in a first scan whose
     logits go to the statistics unmasked (no extra [rows, C] pass); the remaining chunks (the
     clamped last one, padded ids) run in a second scan with the mask.
     """
@@ -452,6 +453,12 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols):
     Tb = min(cfg.token_block, T)
     nb = -(-T // Tb)
     Tb = -(-T // nb)  # balance the blocks
+
+    def gold_col(b, start, lo):
+        """Per token: the gold's column in the chunk at ``start`` when this shard owns it and it
+        lies in the chunk's new columns [lo, start + C), else -1."""
+        rel = b["gcol"] - start
+        return jnp.where(b["gown"] & (rel >= lo - start) & (rel < C), rel, -1)
 
     def update(acc, b, wc, bc, madd, start, lo):
         """One [Tb, R, C] block: fold chunk logits into the accumulators of these rows."""
@@ -503,12 +510,11 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols):
             # fp32 count (exact below 2^24 per chunk): XLA:CPU reduces floats much faster
             gt = jnp.sum(jnp.where(z > g[..., None], 1.0, 0.0), axis=-1).astype(jnp.int32)
             # the gold's own column never counts (its GEMM value may differ by ULPs from g)
-            rel = b["gcol"] - start  # [tb]
-            inch = b["gown"] & (rel >= lo - start) & (rel < C)
+            sc = gold_col(b, start, lo)  # [tb]
             zg = jnp.take_along_axis(
-                z, jnp.broadcast_to(jnp.clip(rel, 0, C - 1)[:, None, None], (tb, R, 1)), axis=-1
+                z, jnp.broadcast_to(jnp.clip(sc, 0, C - 1)[:, None, None], (tb, R, 1)), axis=-1
             )[..., 0]
-            selfc = (inch[:, None] & (zg > g)).astype(jnp.int32)
+            selfc = ((sc >= 0)[:, None] & (zg > g)).astype(jnp.int32)
             new["cnt"] = acc["cnt"] + gt - selfc
         return new
 
@@ -520,9 +526,7 @@ def _stream_local(blk, W, bias, offset, cfg, safe_cols):
         g = selfcol = None
         if cfg.has_gold:
             g = b["g"].reshape(rows)
-            rel = b["gcol"] - start
-            inch = b["gown"] & (rel >= lo - start) & (rel < C)
-            selfcol = jnp.broadcast_to(jnp.where(inch, rel, -1)[:, None], (tb, R)).reshape(rows)
+            selfcol = jnp.broadcast_to(gold_col(b, start, lo)[:, None], (tb, R)).reshape(rows)
         new = cpu_kernel.chunk_stats(
             z.reshape(rows, C), flat, g, selfcol, start + offset, R=R,
             teacher_row=cfg.teacher_row if cfg.has_teacher else None,
@@ -795,14 +799,12 @@ def _prepare(h, W, bias, temperature, teacher_h, gold, top_k, teacher_row=None, 
     if h.ndim != 3:
         raise ValueError(f"h must be [T, R, d] or [T, d]; got shape {h.shape}")
     T, R, d = h.shape
-    if vocab_major:
-        if W.ndim != 2 or W.shape[1] != d:
-            raise ValueError(f"W must be [V, d] with d={d} (vocab_major=True); got shape {W.shape}")
-        V = W.shape[0]
-    else:
-        if W.ndim != 2 or W.shape[0] != d:
-            raise ValueError(f"W must be [d, V] with d={d}; got shape {W.shape}")
-        V = W.shape[1]
+    vax = _vocab_axis(vocab_major)
+    if W.ndim != 2 or W.shape[1 - vax] != d:
+        layout = "[V, d]" if vocab_major else "[d, V]"
+        flag = " (vocab_major=True)" if vocab_major else ""
+        raise ValueError(f"W must be {layout} with d={d}{flag}; got shape {W.shape}")
+    V = W.shape[vax]
     if not 0 <= int(top_k) <= V:
         raise ValueError(f"top_k={top_k} must lie in [0, V={V}]")
     cdt = _compute_dtype(h, W)
